@@ -106,3 +106,47 @@ int32_t restkv_select_evict(const float * score, const uint8_t * keep_always, in
 
     return n_evict;
 }
+
+int32_t restkv_cell_scores(const float * scores, const float * tpos, int32_t n_layer, int32_t n_head,
+                           int32_t n_head_kv, int32_t n, int32_t kernel_min, double beta, float * out,
+                           int32_t * kernels, int32_t * shifts) {
+    if (scores == nullptr || tpos == nullptr || out == nullptr || n_layer < 1 || n_head < 1 || n_head_kv < 1 ||
+        n_head % n_head_kv != 0 || n < 0 || kernel_min < 1 || !(beta > 0.0)) {
+        return RESTKV_ERR_BAD_ARG;
+    }
+
+    const int32_t g = n_head/n_head_kv;
+
+    std::vector<float> layer_scores((size_t) n_layer*n, 0.0f);
+    std::vector<float> smooth(n);
+
+    for (int32_t il = 0; il < n_layer; ++il) {
+        float * dst = layer_scores.data() + (size_t) il*n;
+        for (int32_t h = 0; h < n_head; ++h) {
+            const size_t lh = (size_t) il*n_head + h;
+            const float front = tpos[2*lh + 0];
+            const float rear  = tpos[2*lh + 1];
+
+            int32_t kernel = kernel_min;
+            int32_t shift  = 0;
+            if (!std::isnan(front) && !std::isnan(rear)) {
+                restkv_aws_params((double) front - (double) rear, kernel_min, beta, &kernel, &shift);
+            }
+            if (kernels) {
+                kernels[lh] = kernel;
+            }
+            if (shifts) {
+                shifts[lh] = shift;
+            }
+
+            restkv_aws_smooth(scores + lh*n, n, kernel, shift, smooth.data());
+
+            // mean over the g query heads of a KV head, summed over KV heads: sum / g
+            for (int32_t i = 0; i < n; ++i) {
+                dst[i] += smooth[i]/(float) g;
+            }
+        }
+    }
+
+    return restkv_max_rank(layer_scores.data(), n_layer, n, out);
+}

@@ -34,6 +34,18 @@ int32_t restkv_aws_smooth(const float * in, int32_t n, int32_t kernel, int32_t s
 // cell that any one layer ranks highly survives even if the other layers ignore it.
 int32_t restkv_max_rank(const float * scores, int32_t n_layer, int32_t n, float * out);
 
+// The whole host side of one scoring pass: per-cell scores from the per-head scores of every layer.
+//   scores [n_layer][n_head][n]: a/(1-a) * ||W_O^h (o_h - v)||, cells in position order
+//   tpos   [n_layer][n_head][2]: mean position of the top keys under the first and the second half of
+//                                the window rows; NaN where not computed (then kernel_min, shift 0)
+// For each head: AWS smoothing (restkv_aws_params, restkv_aws_smooth); then the mean over the query
+// heads of each KV head, summed over the KV heads: one score per cell and layer (a bound on how much
+// the layer's output moves); then restkv_max_rank over the layers. out [n]; kernels/shifts may be NULL,
+// else they receive each head's AWS parameters [n_layer][n_head].
+int32_t restkv_cell_scores(const float * scores, const float * tpos, int32_t n_layer, int32_t n_head,
+                           int32_t n_head_kv, int32_t n, int32_t kernel_min, double beta, float * out,
+                           int32_t * kernels, int32_t * shifts);
+
 // Indices of the cells to evict so that n_keep remain: all but the n_keep highest scores, where
 // cells with keep_always[i] != 0 come first whatever their score and are never evicted (so more
 // than n_keep remain when more than n_keep cells are protected). keep_always may be NULL.

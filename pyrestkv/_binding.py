@@ -20,12 +20,26 @@ ffi.cdef(
     int32_t llama_kv_seq_compact  (void * mem, int32_t seq_id);
     int64_t llama_kv_size_bytes   (void * mem);
 
+    // libllama, patches/0002 (struct llama_context * as an opaque pointer)
+    int32_t llama_kv_set_query_window  (void * ctx, int32_t n_window);
+    int32_t llama_kv_pin_query_window  (void * ctx, bool pin);
+    int32_t llama_kv_reset_query_window(void * ctx);
+    int32_t llama_kv_score_n_layer     (void * ctx);
+    int32_t llama_kv_score_n_head      (void * ctx);
+    int32_t llama_kv_seq_score         (void * ctx, int32_t seq_id, float alpha, int32_t n_select,
+                                        int32_t * out_pos, float * out_score, float * out_tpos, int32_t n_max);
+    int64_t llama_kv_debug_tensor      (void * ctx, int32_t il_kv, int32_t what, float * out, int64_t n_max,
+                                        int32_t * out_pos, int32_t n_pos_max);
+
     // libpyrestkv_native, native/restkv_policy.h
     int32_t restkv_aws_params  (double t, int32_t kernel_min, double beta, int32_t * kernel, int32_t * shift);
     int32_t restkv_aws_smooth  (const float * in, int32_t n, int32_t kernel, int32_t shift, float * out);
     int32_t restkv_max_rank    (const float * scores, int32_t n_layer, int32_t n, float * out);
     int32_t restkv_select_evict(const float * score, const uint8_t * keep_always, int32_t n, int32_t n_keep,
                                 int32_t * out_evict);
+    int32_t restkv_cell_scores (const float * scores, const float * tpos, int32_t n_layer, int32_t n_head,
+                                int32_t n_head_kv, int32_t n, int32_t kernel_min, double beta, float * out,
+                                int32_t * kernels, int32_t * shifts);
     """
 )
 
@@ -40,6 +54,8 @@ KV_ERRORS = {
     -4: "bad argument",
     -5: "this model's KV cache cannot shift positions (M-RoPE or per-layer RoPE)",
     -6: "a KV cell is shared with another sequence",
+    -7: "no query window: call llama_kv_set_query_window and decode first",
+    -8: "the scoring graph could not be built or run",
 }
 KV_ERR_UNSUPPORTED = -2
 KV_ERR_CANNOT_SHIFT = -5
@@ -57,6 +73,14 @@ def _check(func: str, ret: int) -> int:
     if ret < 0:
         raise KVCacheError(func, ret)
     return ret
+
+
+def pointer(handle) -> "ffi.CData":
+    """A cffi pointer for a handle that llama_cpp's ctypes binding returned (context, memory)."""
+    addr = handle if isinstance(handle, int) else ctypes.cast(handle, ctypes.c_void_p).value
+    if not addr:
+        raise ValueError("null llama.cpp handle")
+    return ffi.cast("void *", addr)
 
 
 def memory_handle(llama_memory) -> "ffi.CData":
@@ -144,6 +168,28 @@ def max_rank(scores) -> np.ndarray:
     return out
 
 
+def cell_scores(scores, tpos, n_head_kv: int, kernel_min: int, beta: float):
+    """Per-cell scores from per-head scores [n_layer, n_head, n] and AWS statistics [n_layer, n_head, 2];
+    also returns the AWS kernels and shifts [n_layer, n_head]."""
+    s = np.ascontiguousarray(scores, dtype=np.float32)
+    t = np.ascontiguousarray(tpos, dtype=np.float32)
+    if s.ndim != 3 or t.shape != (s.shape[0], s.shape[1], 2):
+        raise ValueError("cell_scores expects scores [n_layer, n_head, n] and tpos [n_layer, n_head, 2]")
+    n_layer, n_head, n = s.shape
+    out = np.empty(n, dtype=np.float32)
+    kernels = np.empty((n_layer, n_head), dtype=np.int32)
+    shifts = np.empty((n_layer, n_head), dtype=np.int32)
+    _native_check(
+        "restkv_cell_scores",
+        native.restkv_cell_scores(
+            ffi.from_buffer("float[]", s), ffi.from_buffer("float[]", t), n_layer, n_head, n_head_kv, n,
+            kernel_min, beta, ffi.from_buffer("float[]", out), ffi.from_buffer("int32_t[]", kernels),
+            ffi.from_buffer("int32_t[]", shifts),
+        ),
+    )
+    return out, kernels, shifts
+
+
 def select_evict(scores, n_keep: int, keep_always=None) -> np.ndarray:
     s = np.ascontiguousarray(scores, dtype=np.float32)
     out = np.empty(len(s), dtype=np.int32)
@@ -158,3 +204,60 @@ def select_evict(scores, n_keep: int, keep_always=None) -> np.ndarray:
         native.restkv_select_evict(ffi.from_buffer("float[]", s), keep, len(s), n_keep, ffi.from_buffer("int32_t[]", out)),
     )
     return out[:n]
+
+
+#
+# ReST-KV scoring pass (patches/0002)
+#
+
+DEBUG_K, DEBUG_V, DEBUG_Q_WINDOW, DEBUG_Q_PINNED, DEBUG_GRAM = range(5)
+
+
+def set_query_window(ctx, n_window: int) -> None:
+    _check("llama_kv_set_query_window", llama.llama_kv_set_query_window(ctx, n_window))
+
+
+def pin_query_window(ctx, pin: bool = True) -> int:
+    return _check("llama_kv_pin_query_window", llama.llama_kv_pin_query_window(ctx, pin))
+
+
+def reset_query_window(ctx) -> None:
+    _check("llama_kv_reset_query_window", llama.llama_kv_reset_query_window(ctx))
+
+
+def score_shape(ctx) -> tuple[int, int]:
+    return (
+        _check("llama_kv_score_n_layer", llama.llama_kv_score_n_layer(ctx)),
+        _check("llama_kv_score_n_head", llama.llama_kv_score_n_head(ctx)),
+    )
+
+
+def seq_score(ctx, mem, alpha: float, n_select: int, seq_id: int = 0):
+    """One scoring pass: (positions [n], scores [n_layer, n_head, n], tpos [n_layer, n_head, 2])."""
+    n_layer, n_head = score_shape(ctx)
+    n = kv_seq_n_cells(mem, seq_id)
+    pos = np.empty(max(n, 1), dtype=np.int32)
+    scores = np.empty((n_layer, n_head, max(n, 1)), dtype=np.float32)
+    tpos = np.full((n_layer, n_head, 2), np.nan, dtype=np.float32)
+    got = _check(
+        "llama_kv_seq_score",
+        llama.llama_kv_seq_score(
+            ctx, seq_id, alpha, n_select, ffi.from_buffer("int32_t[]", pos), ffi.from_buffer("float[]", scores),
+            ffi.from_buffer("float[]", tpos), n,
+        ),
+    )
+    if got != n:
+        raise KVCacheError("llama_kv_seq_score", -4)
+    return pos[:n], scores[:, :, :n], tpos
+
+
+def debug_tensor(ctx, il_kv: int, what: int):
+    """A layer's tensor as f32 rows, and the positions of the rows where they have one."""
+    n = _check("llama_kv_debug_tensor", llama.llama_kv_debug_tensor(ctx, il_kv, what, ffi.NULL, 0, ffi.NULL, 0))
+    out = np.empty(max(n, 1), dtype=np.float32)
+    pos = np.full(max(n, 1), -1, dtype=np.int32)
+    _check(
+        "llama_kv_debug_tensor",
+        llama.llama_kv_debug_tensor(ctx, il_kv, what, ffi.from_buffer("float[]", out), n, ffi.from_buffer("int32_t[]", pos), len(pos)),
+    )
+    return out[:n], pos

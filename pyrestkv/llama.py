@@ -58,11 +58,21 @@ class Llama(llama_cpp.Llama):
 
     Args:
         model_path: a GGUF model file.
-        kv_policy: "full" (keep everything; a full cache is an error, as in llama-cpp-python) or
-            "shift" (llama.cpp's context shift).
+        kv_policy: "full" (keep everything; a full cache is an error, as in llama-cpp-python),
+            "shift" (llama.cpp's context shift) or "restkv" (ReST-KV eviction).
         n_keep: "shift": tokens at the start that are never discarded (the BOS token is kept on
             top, as llama.cpp's server does).
         n_discard: "shift": tokens discarded per shift; 0 means half of the discardable ones.
+        kv_budget: "restkv": cells kept after each eviction; n_ctx defaults to kv_budget + n_batch.
+        kv_window: "restkv": recent queries that score the cache (and recent tokens always kept).
+        kv_sink: "restkv": first tokens always kept.
+        kv_alpha, kv_beta, kv_kernel: "restkv": EMA weight of the newest query, AWS scale, minimum
+            smoothing kernel (ReST-KV's alpha, beta and kernel_size).
+        kv_query: "restkv": "tail" scores with the prompt's last kv_window tokens as if asked at the
+            end (prompt-aware), "none" with the recent queries only (the paper), or a question text
+            or token list.
+        kv_positions: "restkv": "keep" original positions, "compact" after each eviction, or "auto":
+            keep until the next position would pass the training context, then compact.
         progress: show a progress bar while a prompt longer than one batch is read.
         **kwargs: everything llama_cpp.Llama takes (n_ctx, n_batch, n_threads, verbose, ...).
             n_ctx is the number of KV cells; 0 means the model's training context.
@@ -75,6 +85,14 @@ class Llama(llama_cpp.Llama):
         kv_policy: str = "full",
         n_keep: int = 0,
         n_discard: int = 0,
+        kv_budget: int = 2048,
+        kv_window: int = 32,
+        kv_sink: int = 4,
+        kv_alpha: float = 0.3,
+        kv_beta: float = 2000.0,
+        kv_kernel: int = 21,
+        kv_query="tail",
+        kv_positions: str = "auto",
         progress: bool = False,
         **kwargs,
     ):
@@ -86,8 +104,17 @@ class Llama(llama_cpp.Llama):
         _check_size("n_keep", n_keep, allow_zero=True)
         _check_size("n_discard", n_discard, allow_zero=True)
 
-        policy = POLICIES[kv_policy]() if kv_policy == "full" else POLICIES[kv_policy](n_keep=n_keep, n_discard=n_discard)
         # bad parameters fail here, before the model is loaded
+        if kv_policy == "full":
+            policy = POLICIES["full"]()
+        elif kv_policy == "shift":
+            policy = POLICIES["shift"](n_keep=n_keep, n_discard=n_discard)
+        else:
+            policy = POLICIES["restkv"](
+                budget=kv_budget, window=kv_window, sink=kv_sink, alpha=kv_alpha, beta=kv_beta,
+                kernel=kv_kernel, query=kv_query, positions=kv_positions,
+            )
+            self._size_restkv_context(policy, kwargs)
         n_ctx_arg = kwargs.get("n_ctx", 512)
         if n_ctx_arg > 0:
             policy.bind(n_ctx_arg, add_bos=False)
@@ -102,11 +129,50 @@ class Llama(llama_cpp.Llama):
             self.close()
             raise
 
+    @staticmethod
+    def _size_restkv_context(policy, kwargs: dict) -> None:
+        """n_ctx = kv_budget + one prefill chunk: the cache never holds more than that."""
+        n_batch = kwargs.get("n_batch", 512)
+        n_ubatch = min(kwargs.get("n_ubatch", 512), n_batch)
+        if policy.window > n_ubatch:
+            raise ValueError(
+                f"kv_window={policy.window} is larger than n_ubatch={n_ubatch}: the window holds the last "
+                "queries of one micro-batch. Use a smaller kv_window or a larger n_ubatch."
+            )
+        if "n_ctx" not in kwargs or kwargs["n_ctx"] == 0:
+            kwargs["n_ctx"] = policy.budget + n_batch
+        elif kwargs["n_ctx"] < policy.budget + policy.window:
+            raise ValueError(
+                f"n_ctx={kwargs['n_ctx']} leaves no room to read past kv_budget={policy.budget}: it needs at "
+                f"least kv_budget + kv_window = {policy.budget + policy.window} cells (default: kv_budget + n_batch)"
+            )
+        else:
+            # a prefill chunk must fit beside the budget
+            kwargs["n_batch"] = min(n_batch, kwargs["n_ctx"] - policy.budget)
+            kwargs["n_ubatch"] = min(kwargs.get("n_ubatch", 512), kwargs["n_batch"])
+            if policy.window > kwargs["n_ubatch"]:
+                raise ValueError(
+                    f"kv_window={policy.window} does not fit the prefill chunk n_ctx - kv_budget = {kwargs['n_batch']}"
+                )
+
     def _init_kv_books(self) -> None:
         self._mem = _binding.memory_handle(llama_cpp.llama_get_memory(self.ctx))
+        self._ctx_ptr = _binding.pointer(self.ctx)
         n_ctx = self.n_ctx()
         vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.kv_policy.bind(n_ctx, add_bos=bool(llama_cpp.llama_vocab_get_add_bos(vocab)))
+
+        if self.kv_policy.scored:
+            try:
+                _binding.set_query_window(self._ctx_ptr, self.kv_policy.window)
+                _binding.score_shape(self._ctx_ptr)
+            except _binding.KVCacheError as e:
+                raise ValueError(
+                    f"kv_policy={self.kv_policy.name!r} cannot be used with this model: {e}. ReST-KV scoring "
+                    "supports the plain KV cache of standard attention models (not sliding-window, "
+                    "recurrent, hybrid or MLA caches)."
+                ) from None
+            self.kv_policy.n_head_kv = int(llama_cpp.llama_model_n_head_kv(self.model))
 
         if self.kv_policy.evicts:
             try:
@@ -132,6 +198,9 @@ class Llama(llama_cpp.Llama):
             "compactions": 0,
             "evict_ms": 0.0,
         }
+        if self.kv_policy.scored:
+            self._stats.update({"scoring_passes": 0, "scoring_ms": 0.0, "probe_tokens": 0})
+        self._layer_summary = None
 
     def close(self) -> None:
         # arguments are checked before llama_cpp.Llama.__init__ runs; a rejected object has nothing to free
@@ -201,12 +270,27 @@ class Llama(llama_cpp.Llama):
         self._stats["evictions"] += int(len(drop) > 0)
         self._stats["evict_ms"] += (time.perf_counter() - t0) * 1e3
 
+    def _view(self, n_incoming: int) -> CacheView:
+        return CacheView(
+            positions=_binding.kv_seq_positions(self._mem), n_ctx=self.n_ctx(), n_incoming=n_incoming,
+            score=self._scoring_pass if self.kv_policy.scored else None,
+        )
+
+    def _scoring_pass(self, n_select: int):
+        t0 = time.perf_counter()
+        pos, scores, tpos = _binding.seq_score(self._ctx_ptr, self._mem, self.kv_policy.alpha, n_select)
+        self._stats["scoring_passes"] += 1
+        self._stats["scoring_ms"] += (time.perf_counter() - t0) * 1e3
+        self._layer_summary = scores
+        return pos, scores, tpos
+
     def _room_for(self, n_want: int) -> int:
         """Make room for up to n_want tokens; returns how many fit now (>= 1)."""
         n_ctx = self.n_ctx()
+        self._maybe_compact(n_want)
         used = self._cells_used()
         while n_ctx - used < n_want:
-            view = CacheView(positions=_binding.kv_seq_positions(self._mem), n_ctx=n_ctx, n_incoming=n_want)
+            view = self._view(n_want)
             ev = self.kv_policy.make_room(view)
             if ev is None or len(ev.positions) == 0:
                 break
@@ -221,6 +305,35 @@ class Llama(llama_cpp.Llama):
 
     # ------------------------------------------------------------------ llama_cpp overrides
 
+    def _maybe_compact(self, n_incoming: int) -> None:
+        """kv_positions='auto': renumber before a position would pass the training context."""
+        policy = self.kv_policy
+        if getattr(policy, "positions", None) == "auto" and self._pos_next + n_incoming > self._model.n_ctx_train():
+            self.kv_compact()
+
+    def _probe_query(self, tokens: list) -> bool:
+        """Prompt-aware scoring: decode the question (the prompt's tail, or kv_query) once, right
+        after the cache, keep its queries as pinned rows of every scoring pass, and take it back out."""
+        policy = self.kv_policy
+        if policy.query == "none":
+            return False
+        if policy.query == "tail":
+            probe = tokens[-policy.window:]
+        elif isinstance(policy.query, str):
+            probe = self.tokenize(policy.query.encode(), add_bos=False, special=True)[-policy.window:]
+        else:
+            probe = list(policy.query)[-policy.window:]
+        if not probe or self.n_ctx() - self._cells_used() < len(probe):
+            return False
+        _binding.reset_query_window(self._ctx_ptr)
+        self._batch.set_batch(batch=probe, n_past=self._pos_next, logits_all=False)
+        self._ctx.decode(self._batch)
+        _binding.pin_query_window(self._ctx_ptr, True)
+        self._ctx.kv_cache_seq_rm(0, self._pos_next, -1)
+        _binding.reset_query_window(self._ctx_ptr)
+        self._stats["probe_tokens"] += len(probe)
+        return True
+
     def eval(self, tokens: Sequence[int]):
         """Decode tokens in chunks of n_batch, letting the KV policy make room as needed."""
         self._sync_truncation()
@@ -229,6 +342,11 @@ class Llama(llama_cpp.Llama):
             return
         self._ensure_capacity(self.n_tokens + len(tokens))
         self._ensure_score_rows(self.n_tokens + len(tokens))
+
+        policy = self.kv_policy
+        pinned = False
+        if policy.scored and len(tokens) > 1 and self._cells_used() + len(tokens) > policy.budget:
+            pinned = self._probe_query(tokens)
 
         bar = None
         if self.progress and len(tokens) > self.n_batch:
@@ -241,9 +359,18 @@ class Llama(llama_cpp.Llama):
                 n = self._room_for(min(self.n_batch, len(tokens) - i))
                 self._decode_chunk(tokens[i : i + n])
                 i += n
+                if i == len(tokens) and pinned:
+                    # the prompt's tail is now really in the cache and in the window
+                    _binding.pin_query_window(self._ctx_ptr, False)
+                    pinned = False
+                ev = policy.after_chunk(self._view(0), n) if policy.scored else None
+                if ev is not None and len(ev.positions):
+                    self._apply_eviction(ev)
                 if bar is not None:
                     bar.update(n)
         finally:
+            if pinned:
+                _binding.pin_query_window(self._ctx_ptr, False)
             if bar is not None:
                 bar.close()
 
@@ -323,12 +450,20 @@ class Llama(llama_cpp.Llama):
         stats = {
             "policy": self.kv_policy.name,
             "n_ctx": n_ctx,
-            "budget": n_ctx,
+            "budget": getattr(self.kv_policy, "budget", n_ctx),
             "cells_used": self._cells_used(),
             **self._stats,
             "pos_next": self._pos_next,
             "kv_bytes": _binding.kv_size_bytes(self._mem),
         }
         stats["evict_ms"] = round(stats["evict_ms"], 3)
+        if "scoring_ms" in stats:
+            stats["scoring_ms"] = round(stats["scoring_ms"], 3)
+        if self._layer_summary is not None:
+            # the last scoring pass, per layer: mean and max score over its heads and cells
+            s = self._layer_summary
+            stats["layer_scores"] = [
+                {"layer": il, "mean": float(s[il].mean()), "max": float(s[il].max())} for il in range(s.shape[0])
+            ]
         stats.update(self.kv_policy.describe())
         return stats

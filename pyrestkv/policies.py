@@ -4,16 +4,21 @@ A policy sees the cache as a `CacheView` (the cached positions in order, the cel
 answers with an `Eviction` (positions to drop, and whether to renumber the rest). The `Llama`
 subclass applies it through the C API and keeps the books. Policies never touch llama.cpp.
 
-  full   keep everything; a full cache is an error (llama-cpp-python's behaviour)
-  shift  llama.cpp's context shift: keep the first n_keep tokens, drop n_discard of the rest
-         (default half), re-position the remainder (one K-shift)
+  full    keep everything; a full cache is an error (llama-cpp-python's behaviour)
+  shift   llama.cpp's context shift: keep the first n_keep tokens, drop n_discard of the rest
+          (default half), re-position the remainder (one K-shift)
+  restkv  ReST-KV: score every cell on the cache's device (scoring pass in patches/0002), smooth
+          and aggregate on the host (native/restkv_policy), keep the best kv_budget cells
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional, Union
 
 import numpy as np
+
+from . import _binding
 
 
 class KVCacheFullError(ValueError):
@@ -25,6 +30,9 @@ class CacheView:
     positions: np.ndarray  # cached positions of the sequence, ascending
     n_ctx: int  # cells in the cache
     n_incoming: int  # tokens about to be decoded
+    # runs one scoring pass: (positions [n], scores [n_layer, n_head, n], tpos [n_layer, n_head, 2]);
+    # takes n_select, the cells the policy will keep outside its window (0: skip the AWS statistics)
+    score: Optional[Callable] = None
 
 
 @dataclass
@@ -37,6 +45,8 @@ class KVPolicy:
     name = "base"
     #: True if the policy may drop tokens, so that prompts longer than n_ctx are accepted
     evicts = True
+    #: True if the policy rates cells with the scoring pass (needs the query window)
+    scored = False
 
     def bind(self, n_ctx: int, add_bos: bool) -> None:
         """Check the policy against the context it will run in (ValueError if it cannot)."""
@@ -45,6 +55,10 @@ class KVPolicy:
         """Called when view.n_incoming tokens do not fit. May free fewer cells than asked;
         the caller then decodes what fits."""
         raise NotImplementedError
+
+    def after_chunk(self, view: CacheView, n_decoded: int) -> Eviction | None:
+        """Called after each decoded chunk; may evict."""
+        return None
 
     def describe(self) -> dict:
         return {}
@@ -98,4 +112,86 @@ class ContextShiftPolicy(KVPolicy):
         return {"n_keep": self.n_keep, "n_discard": self.n_discard}
 
 
-POLICIES = {"full": FullPolicy, "shift": ContextShiftPolicy}
+class RestKVPolicy(KVPolicy):
+    """ReST-KV (ICLR 2026): keep the cells whose removal would change the layers' attention output
+    the most, as seen by the recent queries (and, prompt-aware, by the prompt's tail).
+
+    score : per layer and query head, odds * ||W_O^h (o_h - v)||, from the scoring pass on the device
+    select: AWS smoothing per head (beta, kernel), mean over each KV head's query heads, summed over KV
+            heads, max over layers of the per-layer rank; keep the best `budget` cells, always the
+            last `window` and the first `sink` positions
+    """
+
+    name = "restkv"
+    scored = True
+
+    def __init__(self, budget: int = 2048, window: int = 32, sink: int = 4, alpha: float = 0.3,
+                 beta: float = 2000.0, kernel: int = 21, query: Union[str, list, None] = "tail",
+                 positions: str = "auto"):
+        for name, value, low in (("kv_budget", budget, 1), ("kv_window", window, 1), ("kv_sink", sink, 0),
+                                 ("kv_kernel", kernel, 1)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an integer, got {value!r}")
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        if window > 256:
+            raise ValueError(f"kv_window must be <= 256, got {window}")
+        if budget < window + sink:
+            raise ValueError(
+                f"kv_budget={budget} must be at least kv_window + kv_sink = {window + sink}: "
+                "the recent window and the sink tokens are always kept"
+            )
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"kv_alpha must be in (0, 1], got {alpha}")
+        if not beta > 0.0:
+            raise ValueError(f"kv_beta must be positive, got {beta}")
+        if positions not in ("keep", "compact", "auto"):
+            raise ValueError(f"kv_positions must be 'keep', 'compact' or 'auto', got {positions!r}")
+        if not (query is None or query in ("tail", "none") or isinstance(query, (str, list, tuple))):
+            raise ValueError(f"kv_query must be 'tail', 'none', a question text or a token list, got {query!r}")
+        if isinstance(query, (list, tuple)) and not all(isinstance(t, (int, np.integer)) for t in query):
+            raise ValueError("kv_query as a list must hold token ids")
+        self.budget = int(budget)
+        self.window = int(window)
+        self.sink = int(sink)
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.kernel = int(kernel)
+        self.query = "none" if query is None else query
+        self.positions = positions
+        self.n_head_kv = 1  # set by the Llama once the model is known
+
+    def make_room(self, view: CacheView) -> Eviction | None:
+        # generation filled the cache: back down to the budget, so scoring runs once per n_ctx - budget tokens
+        return self.evict_to_budget(view)
+
+    def after_chunk(self, view: CacheView, n_decoded: int) -> Eviction | None:
+        """A prompt chunk was decoded: evict down to the budget once above it."""
+        if n_decoded > 1 and len(view.positions) > self.budget:
+            return self.evict_to_budget(view)
+        return None
+
+    def evict_to_budget(self, view: CacheView) -> Eviction | None:
+        if len(view.positions) <= self.budget:
+            return None
+        positions = view.positions
+        # the AWS offset needs the top keys' mean positions only where it can be non-zero
+        span = int(positions[-1]) - int(positions[0])
+        n_select = self.budget - self.window if span >= self.beta else 0
+        pos, scores, tpos = view.score(n_select)
+        cell, _, _ = _binding.cell_scores(scores, tpos, self.n_head_kv, self.kernel, self.beta)
+        protect = np.zeros(len(pos), dtype=np.uint8)
+        protect[: self.sink] = 1
+        protect[max(0, len(pos) - self.window):] = 1
+        evict = _binding.select_evict(cell, self.budget, protect)
+        return Eviction(positions=pos[evict], compact=self.positions == "compact")
+
+    def describe(self) -> dict:
+        return {
+            "kv_window": self.window, "kv_sink": self.sink, "kv_alpha": self.alpha, "kv_beta": self.beta,
+            "kv_kernel": self.kernel, "kv_query": self.query if isinstance(self.query, str) else "tokens",
+            "kv_positions": self.positions,
+        }
+
+
+POLICIES = {"full": FullPolicy, "shift": ContextShiftPolicy, "restkv": RestKVPolicy}

@@ -54,3 +54,68 @@ def select_evict(score: np.ndarray, n_keep: int, keep_always: np.ndarray | None 
     evict[order[n_keep:]] = True
     evict &= ~protect
     return np.flatnonzero(evict).astype(np.int32)
+
+
+def rope_rotate(q: np.ndarray, delta: np.ndarray, freq_base: float, n_rot: int, neox: bool = False) -> np.ndarray:
+    """Rotate post-RoPE rows q [R, n_head, d] further by delta[R] positions (RoPE composes additively).
+    llama.cpp's NORM rope pairs dims (2i, 2i+1); NEOX pairs (i, i + n_rot/2)."""
+    q = np.array(q, dtype=np.float64)
+    half = n_rot // 2
+    theta = freq_base ** (-np.arange(half, dtype=np.float64) * 2.0 / n_rot)
+    ang = np.asarray(delta, dtype=np.float64)[:, None] * theta[None, :]  # [R, half]
+    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    if neox:
+        x0, x1 = q[..., :half].copy(), q[..., half:n_rot].copy()
+        q[..., :half], q[..., half:n_rot] = x0 * cos - x1 * sin, x0 * sin + x1 * cos
+    else:
+        x0, x1 = q[..., 0:n_rot:2].copy(), q[..., 1:n_rot:2].copy()
+        q[..., 0:n_rot:2], q[..., 1:n_rot:2] = x0 * cos - x1 * sin, x0 * sin + x1 * cos
+    return q
+
+
+def restkv_scores(q, q_pos, k, v, k_pos, gram, n_head_kv: int, kq_scale: float, alpha: float,
+                  window_start: int) -> np.ndarray:
+    """ReST-KV layer-wise output reconstruction scores of one layer, per query head and cached cell.
+
+    q [R, n_head, d]: the scoring rows, oldest first (post-RoPE, as attention used them), at q_pos [R];
+    k, v [n, n_head_kv, d]: the cached cells at k_pos [n]; gram [n_head, d, d] = W_O^h^T W_O^h.
+    Row j attends causally (cells with k_pos <= q_pos[j]); the rows' attention is averaged by an EMA
+    (the newest row weighted alpha); o_h sums the cells older than window_start. Returns [n_head, n]:
+        a/(1-a) * ||W_O^h (o_h - v_n)||
+    """
+    q = np.asarray(q, dtype=np.float64)
+    k = np.asarray(k, dtype=np.float64)
+    v = np.asarray(v, dtype=np.float64)
+    n_row, n_head, _ = q.shape
+    g = n_head // n_head_kv
+    visible = np.asarray(k_pos)[None, :] <= np.asarray(q_pos)[:, None]  # [R, n]
+    prefix = (np.asarray(k_pos) < window_start).astype(np.float64)
+
+    ema = np.array([(1.0 if j == 0 else alpha) * (1.0 - alpha) ** (n_row - 1 - j) for j in range(n_row)])
+    out = np.empty((n_head, k.shape[0]))
+    for h in range(n_head):
+        kh, vh = k[:, h // g], v[:, h // g]
+        logits = np.where(visible, (q[:, h] @ kh.T) * kq_scale, -np.inf)
+        a = np.exp(logits - logits.max(axis=1, keepdims=True))
+        a /= a.sum(axis=1, keepdims=True)
+        abar = np.minimum(ema @ a, 1.0 - 1e-6)
+        o = (abar * prefix) @ vh
+        diff = o[None, :] - vh
+        err = np.sqrt(np.maximum(np.einsum("nd,de,ne->n", diff, gram[h], diff), 0.0))
+        out[h] = abar / (1.0 - abar) * err
+    return out
+
+
+def cell_scores(scores: np.ndarray, tpos: np.ndarray, n_head_kv: int, kernel_min: int, beta: float) -> np.ndarray:
+    """Per-cell scores: AWS per head, mean over each KV head's query heads, summed over KV heads,
+    then max over layers of the per-layer rank. scores [n_layer, n_head, n], tpos [n_layer, n_head, 2]."""
+    n_layer, n_head, n = scores.shape
+    g = n_head // n_head_kv
+    layer_scores = np.zeros((n_layer, n), dtype=np.float64)
+    for il in range(n_layer):
+        for h in range(n_head):
+            front, rear = tpos[il, h]
+            kernel, shift = (kernel_min, 0) if np.isnan(front) or np.isnan(rear) else aws_params(
+                float(front) - float(rear), kernel_min, beta)
+            layer_scores[il] += aws_smooth(scores[il, h], kernel, shift) / g
+    return max_rank(layer_scores.astype(np.float32))
