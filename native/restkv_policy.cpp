@@ -108,10 +108,11 @@ int32_t restkv_select_evict(const float * score, const uint8_t * keep_always, in
 }
 
 int32_t restkv_cell_scores(const float * scores, const float * tpos, int32_t n_layer, int32_t n_head,
-                           int32_t n_head_kv, int32_t n, int32_t kernel_min, double beta, float * out,
-                           int32_t * kernels, int32_t * shifts) {
+                           int32_t n_head_kv, int32_t n, int32_t kernel_min, double beta, int32_t aggregate,
+                           float * out, int32_t * kernels, int32_t * shifts) {
     if (scores == nullptr || tpos == nullptr || out == nullptr || n_layer < 1 || n_head < 1 || n_head_kv < 1 ||
-        n_head % n_head_kv != 0 || n < 0 || kernel_min < 1 || !(beta > 0.0)) {
+        n_head % n_head_kv != 0 || n < 0 || kernel_min < 1 || !(beta > 0.0) ||
+        (aggregate != RESTKV_AGG_MAX_RANK && aggregate != RESTKV_AGG_MEAN)) {
         return RESTKV_ERR_BAD_ARG;
     }
 
@@ -148,5 +149,21 @@ int32_t restkv_cell_scores(const float * scores, const float * tpos, int32_t n_l
         }
     }
 
-    return restkv_max_rank(layer_scores.data(), n_layer, n, out);
+    if (aggregate == RESTKV_AGG_MAX_RANK) {
+        return restkv_max_rank(layer_scores.data(), n_layer, n, out);
+    }
+
+    std::fill(out, out + n, 0.0f);
+    for (int32_t il = 0; il < n_layer; ++il) {
+        const float * row = layer_scores.data() + (size_t) il*n;
+        double sum = 0.0;
+        for (int32_t i = 0; i < n; ++i) {
+            sum += row[i];
+        }
+        const float inv = sum > 0.0 ? (float) (1.0/(sum*n_layer)) : 0.0f;
+        for (int32_t i = 0; i < n; ++i) {
+            out[i] += row[i]*inv;
+        }
+    }
+    return RESTKV_OK;
 }

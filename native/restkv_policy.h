@@ -40,11 +40,15 @@ int32_t restkv_max_rank(const float * scores, int32_t n_layer, int32_t n, float 
 //                                the window rows; NaN where not computed (then kernel_min, shift 0)
 // For each head: AWS smoothing (restkv_aws_params, restkv_aws_smooth); then the mean over the query
 // heads of each KV head, summed over the KV heads: one score per cell and layer (a bound on how much
-// the layer's output moves); then restkv_max_rank over the layers. out [n]; kernels/shifts may be NULL,
-// else they receive each head's AWS parameters [n_layer][n_head].
+// the layer's output moves); then across layers, by `aggregate`: RESTKV_AGG_MAX_RANK (the max over
+// layers of the per-layer rank) or RESTKV_AGG_MEAN (the mean over layers of the scores normalized to
+// sum 1 per layer). out [n]; kernels/shifts may be NULL, else they receive each head's AWS parameters
+// [n_layer][n_head].
+#define RESTKV_AGG_MAX_RANK 0
+#define RESTKV_AGG_MEAN     1
 int32_t restkv_cell_scores(const float * scores, const float * tpos, int32_t n_layer, int32_t n_head,
-                           int32_t n_head_kv, int32_t n, int32_t kernel_min, double beta, float * out,
-                           int32_t * kernels, int32_t * shifts);
+                           int32_t n_head_kv, int32_t n, int32_t kernel_min, double beta, int32_t aggregate,
+                           float * out, int32_t * kernels, int32_t * shifts);
 
 // Indices of the cells to evict so that n_keep remain: all but the n_keep highest scores, where
 // cells with keep_always[i] != 0 come first whatever their score and are never evicted (so more

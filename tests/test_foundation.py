@@ -11,7 +11,7 @@ import pytest
 
 import pyrestkv
 from conftest import greedy_chat, open_llama
-from haystack import make_document
+from pyrestkv.haystack import make_document
 
 PROMPT = "The three primary colours of light are red, green and"
 

@@ -1,0 +1,169 @@
+"""kv_policy='restkv' end to end on the real model: bounded memory, needles, fidelity, errors."""
+
+import numpy as np
+import pytest
+
+import pyrestkv
+from conftest import greedy_chat, open_llama
+from pyrestkv.haystack import NEEDLE_CASES, make_document, needle_prompt
+
+
+def test_bounded_memory_on_a_long_document(model_path):
+    """9,000 tokens through kv_budget=512: never more than n_ctx = budget + one chunk cells, and
+    positions are compacted before they pass SmolLM2's 8,192-token training context."""
+    llm = open_llama(model_path, kv_policy="restkv", kv_budget=512, n_batch=512)
+    tokens = llm.tokenize(make_document(llm, 9000, [], seed=21).encode())
+    assert len(tokens) >= 9000
+    llm.eval(tokens)
+    stats = llm.kv_stats()
+    print(f"\n{ {k: v for k, v in stats.items() if k != 'layer_scores'} }")
+    assert stats["n_ctx"] == llm.n_ctx() == 1024 and stats["budget"] == 512
+    assert stats["cells_peak"] <= stats["n_ctx"]
+    assert stats["cells_used"] <= stats["n_ctx"]
+    assert stats["tokens_seen"] == len(tokens)
+    assert stats["tokens_evicted"] == len(tokens) - stats["cells_used"]
+    assert stats["scoring_passes"] >= (len(tokens) - 1024) // 512
+    assert stats["compactions"] >= 1 and stats["pos_next"] <= llm._model.n_ctx_train()
+    assert len(stats["layer_scores"]) == 30
+    # the recent window is always kept
+    positions, cached = llm.kv_cells()
+    assert list(cached[-32:]) == tokens[-32:]
+    llm.close()
+
+
+def test_generation_evicts_in_bulk(model_path):
+    llm = open_llama(model_path, kv_policy="restkv", kv_budget=256, n_batch=128)
+    out = llm.create_completion("Write a long story about a dragon who learns to bake bread.", max_tokens=400,
+                                temperature=0.0)
+    stats = llm.kv_stats()
+    assert out["usage"]["completion_tokens"] == 400
+    assert stats["cells_peak"] <= 384
+    # one scoring pass per n_ctx - budget = 128 generated tokens, not one per token
+    assert 1 <= stats["scoring_passes"] <= 400 // 128 + 1
+    llm.close()
+
+
+def test_needles_restkv_beats_shift(model_path):
+    """Needle cases the full cache answers; restkv at kv_budget=512 keeps at least 5 of 6 or more,
+    and shift with the same n_ctx keeps fewer."""
+    hits = {"full": [], "restkv": [], "shift": []}
+    for i, case in enumerate(NEEDLE_CASES):
+        configs = {
+            "full": dict(kv_policy="full", n_ctx=3500),
+            "restkv": dict(kv_policy="restkv", kv_budget=512),
+            "shift": dict(kv_policy="shift", n_ctx=1024, n_keep=32),
+        }
+        for name, kwargs in configs.items():
+            llm = open_llama(model_path, n_batch=512, **kwargs)
+            doc = make_document(llm, 3000, [(case.depth, case.fact)], seed=100 + i)
+            answer = greedy_chat(llm, needle_prompt(doc, case.question))
+            hits[name].append(case.answer.lower() in answer.lower())
+            llm.close()
+    usable = [i for i, hit in enumerate(hits["full"]) if hit]
+    restkv = sum(hits["restkv"][i] for i in usable)
+    shift = sum(hits["shift"][i] for i in usable)
+    print(f"\nneedles answered by the full cache: {len(usable)}/{len(NEEDLE_CASES)}; "
+          f"restkv (kv_budget=512): {restkv}; shift (n_ctx=1024): {shift}")
+    assert len(usable) >= 6
+    assert restkv >= 5 and restkv >= len(usable) - 1
+    assert shift < restkv
+
+
+def teacher_forced_top1(model_path, tokens, n_prefix, **kwargs):
+    llm = open_llama(model_path, logits_all=True, n_batch=512, **kwargs)
+    llm.eval(tokens)
+    predicted = np.argmax(llm.scores[n_prefix - 1 : len(tokens) - 1], axis=1)
+    llm.close()
+    return predicted
+
+
+def test_fidelity_restkv_above_shift(model_path):
+    """Teacher-force 200 tokens after a 2,000-token text with kv_budget=512: restkv's next-token
+    predictions agree with the full cache's more often than shift's do."""
+    llm = open_llama(model_path, n_ctx=512)
+    tokens = llm.tokenize(make_document(llm, 2300, [], seed=31).encode())[:2200]
+    llm.close()
+    full = teacher_forced_top1(model_path, tokens, 2000, kv_policy="full", n_ctx=2304)
+    agreement = {}
+    for name, kwargs in {
+        "restkv": dict(kv_policy="restkv", kv_budget=512, kv_query="none"),
+        "shift": dict(kv_policy="shift", n_ctx=1024),
+    }.items():
+        agreement[name] = float(np.mean(teacher_forced_top1(model_path, tokens, 2000, **kwargs) == full))
+    print(f"\ntop-1 agreement with the full cache: {agreement}")
+    assert agreement["restkv"] > agreement["shift"]
+
+
+def test_prompt_aware_probe_is_pinned_then_dropped(model_path):
+    llm = open_llama(model_path, kv_policy="restkv", kv_budget=256, n_batch=256)
+    doc = make_document(llm, 1200, [], seed=41)
+    llm.create_completion(needle_prompt(doc, "What was repaired first?"), max_tokens=4, temperature=0.0)
+    stats = llm.kv_stats()
+    assert stats["probe_tokens"] == 32
+    assert stats["scoring_passes"] >= 3
+    # after the prompt the pinned rows are gone: scoring uses the real window only
+    from pyrestkv import _binding
+
+    assert _binding.pin_query_window(llm._ctx_ptr, False) == 0
+    llm.close()
+
+
+def test_question_blind_mode_does_not_probe(model_path):
+    llm = open_llama(model_path, kv_policy="restkv", kv_budget=256, n_batch=256, kv_query="none")
+    llm.eval(llm.tokenize(make_document(llm, 800, [], seed=42).encode()))
+    assert llm.kv_stats()["probe_tokens"] == 0
+    llm.close()
+
+
+def test_compact_positions_mode(model_path):
+    llm = open_llama(model_path, kv_policy="restkv", kv_budget=256, n_batch=256, kv_positions="compact")
+    llm.eval(llm.tokenize(make_document(llm, 1000, [], seed=43).encode()))
+    positions, _ = llm.kv_cells()
+    assert np.array_equal(positions, np.arange(len(positions)))
+    keep = open_llama(model_path, kv_policy="restkv", kv_budget=256, n_batch=256, kv_positions="keep")
+    keep.eval(keep.tokenize(make_document(keep, 1000, [], seed=43).encode()))
+    kept, _ = keep.kv_cells()
+    assert kept[-1] > len(kept)  # original positions, with holes
+    llm.close()
+    keep.close()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(kv_budget=30, kv_window=32, kv_sink=4), "kv_budget=30 must be at least kv_window \\+ kv_sink = 36"),
+        (dict(kv_window=64, n_batch=32), "kv_window=64 is larger than n_ubatch=32"),
+        (dict(kv_window=0), "kv_window must be >= 1"),
+        (dict(kv_window=300, n_batch=512), "kv_window must be <= 256"),
+        (dict(kv_sink=-1), "kv_sink must be >= 0"),
+        (dict(kv_alpha=0.0), "kv_alpha must be in"),
+        (dict(kv_beta=-1.0), "kv_beta must be positive"),
+        (dict(kv_kernel=0), "kv_kernel must be >= 1"),
+        (dict(kv_positions="sometimes"), "kv_positions must be"),
+        (dict(kv_aggregate="median"), "kv_aggregate must be one of"),
+        (dict(kv_query=3.5), "kv_query must be"),
+        (dict(kv_budget=512, n_ctx=520), "n_ctx=520 leaves no room"),
+    ],
+)
+def test_restkv_bad_arguments(model_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        open_llama(model_path, kv_policy="restkv", **kwargs)
+
+
+def test_explicit_question_text(model_path):
+    llm = open_llama(model_path, kv_policy="restkv", kv_budget=256, n_batch=256,
+                     kv_query="What is the password of the archive room?")
+    llm.eval(llm.tokenize(make_document(llm, 700, [], seed=44).encode()))
+    stats = llm.kv_stats()
+    assert 5 <= stats["probe_tokens"] <= 32 and stats["kv_query"] == "What is the password of the archive room?"
+    llm.close()
+
+
+def test_score_shape_matches_the_model(model_path):
+    # scores come per layer and query head: SmolLM2 has 30 layers, 9 query heads over 3 KV heads
+    llm = open_llama(model_path, kv_policy="restkv", kv_budget=256, n_batch=256)
+    from pyrestkv import _binding
+
+    assert _binding.score_shape(llm._ctx_ptr) == (30, 9)
+    assert llm.kv_policy.n_head_kv == 3
+    llm.close()
