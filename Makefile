@@ -35,5 +35,9 @@ ask: install
 test: install
 	cd tests && ../$(BIN)/python -m pytest -v -rs $(PYTEST_ARGS)
 
+# needle retrieval: full cache, shift and restkv at the same memory (about 6 minutes on 2 cores)
+bench: install
+	$(BIN)/python bench/needles.py --policies full,shift,restkv
+
 clean:
 	rm -rf build $(VENV)
