@@ -88,6 +88,7 @@ def cmd_ask(args) -> int:
     elapsed = time.perf_counter() - t0
 
     stats = llm.kv_stats()
+    stats.pop("layer_scores", None)  # per-layer detail: see Llama.kv_stats()
     print(f"\n[kv] {elapsed:.1f} s", file=sys.stderr)
     for key, value in stats.items():
         print(f"[kv] {key:>15}: {value}", file=sys.stderr)
