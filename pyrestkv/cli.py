@@ -30,8 +30,10 @@ def _positive_int(text: str) -> int:
 def _read_document(path: str) -> str:
     if path == "-":
         return sys.stdin.read()
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise SystemExit(f"pyrestkv: error: document not found: {path}")
+    if not os.path.isfile(path):
+        raise SystemExit(f"pyrestkv: error: the document must be a text file: {path}")
     with open(path, encoding="utf-8", errors="replace") as f:
         return f.read()
 

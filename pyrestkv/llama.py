@@ -366,7 +366,8 @@ class Llama(llama_cpp.Llama):
                     # the prompt's tail is now really in the cache and in the window
                     _binding.pin_query_window(self._ctx_ptr, False)
                     pinned = False
-                ev = policy.after_chunk(self._view(0), n) if policy.scored else None
+                # a prompt chunk may leave the cache above the budget; single generated tokens never do
+                ev = policy.after_chunk(self._view(0), n) if policy.scored and n > 1 else None
                 if ev is not None and len(ev.positions):
                     self._apply_eviction(ev)
                 if bar is not None:

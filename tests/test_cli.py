@@ -1,0 +1,43 @@
+"""`pyrestkv ask`, the main job, on a short document."""
+
+import subprocess
+import sys
+
+import pytest
+
+from pyrestkv.cli import main
+from pyrestkv.haystack import make_document
+
+
+def test_ask_answers_from_a_document(tmp_path, capsys):
+    import pyrestkv
+
+    llm = pyrestkv.Llama(pyrestkv.default_model_path(), n_ctx=512, verbose=False)
+    doc = make_document(llm, 900, [(0.4, "Important note: the rescue ship was called the Marigold.")], seed=5)
+    llm.close()
+    path = tmp_path / "doc.txt"
+    path.write_text(doc)
+    assert main(["ask", "--doc", str(path), "--kv-budget", "256", "--n-batch", "256", "--max-tokens", "24",
+                 "What was the rescue ship called?"]) == 0
+    out, err = capsys.readouterr()
+    assert "Marigold" in out
+    assert "[kv]          policy: restkv" in err and "scoring_passes" in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--doc", "/nonexistent.txt", "q"], "document not found"),
+        (["--doc", "{dir}", "q"], "must be a text file"),
+        (["--doc", "{empty}", "q"], "is empty"),
+        (["--doc", "{empty}", "--kv-budget", "0", "q"], "must be a positive integer"),
+        (["--doc", "{empty}", "--kv-policy", "lru", "q"], "invalid choice"),
+    ],
+)
+def test_ask_rejects_bad_input(tmp_path, args, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    args = [a.format(dir=tmp_path, empty=empty) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "pyrestkv.cli", "ask", *args], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert message in proc.stderr
