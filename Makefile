@@ -13,7 +13,7 @@ DOC      ?= examples/station_log.txt
 SOURCES = pyproject.toml CMakeLists.txt cmake/llama_cpp_source.py \
           $(wildcard patches/*.patch native/* pyrestkv/*.py)
 
-.PHONY: install ask test bench clean
+.PHONY: install ask test bench bench-speed clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,11 @@ test: install
 # needle retrieval: full cache, shift and restkv at the same memory (about 6 minutes on 2 cores)
 bench: install
 	$(BIN)/python bench/needles.py --policies full,shift,restkv
+
+# speed and memory: full cache, shift and restkv, documents of 1k-8k tokens (about 10 minutes)
+bench-speed: install
+	$(BIN)/python -m pip install -q "matplotlib>=3.5"
+	$(BIN)/python bench/speed.py
 
 clean:
 	rm -rf build $(VENV)
