@@ -172,8 +172,8 @@ class Llama(llama_cpp.Llama):
             except _binding.KVCacheError as e:
                 raise ValueError(
                     f"kv_policy={self.kv_policy.name!r} cannot be used with this model: {e}. ReST-KV scoring "
-                    "supports the plain KV cache of standard attention models (not sliding-window, "
-                    "recurrent, hybrid or MLA caches)."
+                    "supports the plain KV cache of standard attention models and the full-attention half of "
+                    "sliding-window (iSWA) caches, not recurrent, hybrid or MLA caches."
                 ) from None
             self.kv_policy.n_head_kv = int(llama_cpp.llama_model_n_head_kv(self.model))
 
