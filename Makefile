@@ -11,7 +11,8 @@ QUESTION ?= What is the access code of the east cargo door?
 DOC      ?= examples/station_log.txt
 
 SOURCES = pyproject.toml CMakeLists.txt cmake/llama_cpp_source.py \
-          $(wildcard patches/*.patch native/* pyrestkv/*.py)
+          $(wildcard patches/*.patch native/*.h native/*.cpp native/CMakeLists.txt pyrestkv/*.py) \
+          $(shell find native/ggml -type f)
 
 .PHONY: install ask test bench bench-speed clean
 

@@ -10,8 +10,12 @@ Where the source comes from:
   * otherwise the llama-cpp-python 0.3.36 sdist, fetched once with pip into a cache
     (PYRESTKV_CACHE_DIR, default ~/.cache/pyrestkv) and checked against its pinned sha256.
 
-The patched copy is rebuilt only when the source or a patch changes (a stamp file records both),
-so incremental builds stay incremental.
+After the patches, the files of native/ggml/ (our fused scoring op: the shared arithmetic, the CPU
+code, the CUDA and Metal kernels) are laid over the tree at the same paths under ggml/src/, so that
+ggml's own build compiles them into its CPU, CUDA and Metal backends.
+
+The patched copy is rebuilt only when the source, a patch or an overlay file changes (a stamp file
+records them), so incremental builds stay incremental.
 """
 
 from __future__ import annotations
@@ -122,6 +126,22 @@ def apply_patches(tree: Path, patches: list[Path]) -> None:
         print(f"pyrestkv: applied {patch.name}", file=sys.stderr)
 
 
+def overlay_files(overlay: Path) -> list[tuple[Path, Path]]:
+    """(file in native/ggml, its path in the llama.cpp tree), in a stable order."""
+    if not overlay.is_dir():
+        return []
+    return [(f, Path("ggml/src") / f.relative_to(overlay)) for f in sorted(overlay.rglob("*")) if f.is_file()]
+
+
+def apply_overlay(tree: Path, files: list[tuple[Path, Path]]) -> None:
+    for src, rel in files:
+        dst = tree / rel
+        if dst.exists():
+            fail(f"overlay file {src} would replace llama.cpp's own {rel}")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst)
+
+
 def sync_tree(src: Path, dst: Path) -> None:
     """Make dst a copy of src, rewriting only files whose bytes differ, so that the build
     recompiles only what a patch change touched."""
@@ -148,6 +168,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dest", required=True, type=Path)
     ap.add_argument("--patches", required=True, type=Path)
+    ap.add_argument("--overlay", type=Path, default=None, help="native/ggml: files laid over ggml/src")
     ap.add_argument("--source", default=os.environ.get("PYRESTKV_LLAMA_CPP_DIR") or "")
     args = ap.parse_args()
 
@@ -163,6 +184,9 @@ def main() -> None:
         stamp_hash.update(f"sdist:{SDIST_SHA256}".encode())
     for p in patches:
         stamp_hash.update(p.name.encode() + p.read_bytes())
+    overlay = overlay_files(args.overlay) if args.overlay else []
+    for src, rel in overlay:
+        stamp_hash.update(str(rel).encode() + src.read_bytes())
     stamp = stamp_hash.hexdigest()
 
     stamp_file = args.dest / ".pyrestkv-stamp"
@@ -176,6 +200,7 @@ def main() -> None:
     else:
         extract_vendor(sdist, tmp)
     apply_patches(tmp, patches)
+    apply_overlay(tmp, overlay)
     # the stamp goes last, so an interrupted run never leaves a half-synced tree behind a valid stamp
     stamp_file.unlink(missing_ok=True)
     sync_tree(tmp, args.dest)

@@ -31,6 +31,10 @@ ffi.cdef(
     int64_t llama_kv_debug_tensor      (void * ctx, int32_t il_kv, int32_t what, float * out, int64_t n_max,
                                         int32_t * out_pos, int32_t n_pos_max);
 
+    // libllama, patches/0004: the fused scoring op (GGML_OP_RESTKV_SCORE, patches/0003 + native/ggml)
+    int32_t llama_kv_set_score_kernel  (void * ctx, int32_t kernel);
+    int32_t llama_kv_score_n_fused     (void * ctx);
+
     // libpyrestkv_native, native/restkv_policy.h
     int32_t restkv_aws_params  (double t, int32_t kernel_min, double beta, int32_t * kernel, int32_t * shift);
     int32_t restkv_aws_smooth  (const float * in, int32_t n, int32_t kernel, int32_t shift, float * out);
@@ -252,6 +256,22 @@ def seq_score(ctx, mem, alpha: float, n_select: int, seq_id: int = 0):
     if got != n:
         raise KVCacheError("llama_kv_seq_score", -4)
     return pos[:n], scores[:, :, :n], tpos
+
+
+# how the scoring pass runs: the fused op where the cache's device has it, else ordinary ggml ops
+SCORE_KERNELS = {"auto": 0, "composed": 1, "fused": 2}
+
+
+def set_score_kernel(ctx, kernel: str) -> None:
+    """'auto' (fused op where supported), 'composed' (ordinary ggml ops) or 'fused'."""
+    if kernel not in SCORE_KERNELS:
+        raise ValueError(f"score kernel must be one of {sorted(SCORE_KERNELS)}, not {kernel!r}")
+    _check("llama_kv_set_score_kernel", llama.llama_kv_set_score_kernel(ctx, SCORE_KERNELS[kernel]))
+
+
+def score_n_fused(ctx) -> int:
+    """Layers that the last scoring pass scored with the fused op."""
+    return _check("llama_kv_score_n_fused", llama.llama_kv_score_n_fused(ctx))
 
 
 def debug_tensor(ctx, il_kv: int, what: int):

@@ -106,6 +106,26 @@ def restkv_scores(q, q_pos, k, v, k_pos, gram, n_head_kv: int, kq_scale: float, 
     return out
 
 
+def top_positions(q, q_pos, k, k_pos, n_head_kv: int, kq_scale: float, n_select: int) -> np.ndarray:
+    """The statistic behind ReST-KV's adaptive smoothing, per query head: the mean position of the
+    n_select cells each row attends most, averaged over the first half of the rows and over the
+    second half. Returns [n_head, 2] (front, rear); t = front - rear. Shapes as in restkv_scores."""
+    q = np.asarray(q, dtype=np.float64)
+    k = np.asarray(k, dtype=np.float64)
+    k_pos = np.asarray(k_pos)
+    n_row, n_head, _ = q.shape
+    g = n_head // n_head_kv
+    half = n_row // 2
+    visible = k_pos[None, :] <= np.asarray(q_pos)[:, None]
+    out = np.empty((n_head, 2))
+    for h in range(n_head):
+        logits = np.where(visible, (q[:, h] @ k[:, h // g].T) * kq_scale, -np.inf)
+        top = np.argsort(-logits, axis=1, kind="stable")[:, :n_select]  # softmax keeps the order
+        mean_pos = k_pos[top].mean(axis=1)
+        out[h] = mean_pos[:half].mean(), mean_pos[half:].mean()
+    return out
+
+
 def cell_scores(scores: np.ndarray, tpos: np.ndarray, n_head_kv: int, kernel_min: int, beta: float) -> np.ndarray:
     """Per-cell scores: AWS per head, mean over each KV head's query heads, summed over KV heads,
     then max over layers of the per-layer rank. scores [n_layer, n_head, n], tpos [n_layer, n_head, 2]."""

@@ -1,5 +1,7 @@
-"""The native scoring pass (patches/0002) against the NumPy reference (pyrestkv/reference.py), on
-Q/K/V taken from the real model's cache for a real prompt and W_O read from the GGUF file."""
+"""The native scoring pass (patches/0002, 0004) against the NumPy reference (pyrestkv/reference.py),
+on Q/K/V taken from the real model's cache for a real prompt and W_O read from the GGUF file. Both
+implementations are held to it: the fused op (GGML_OP_RESTKV_SCORE, native/ggml, the CPU code that
+the CUDA and Metal kernels mirror) and the composed graph of ordinary ggml ops."""
 
 import llama_cpp
 import numpy as np
@@ -55,17 +57,21 @@ def test_gram_matrices_are_the_output_projection(model_path, gguf):
     llm.close()
 
 
+@pytest.mark.parametrize("kernel", ["fused", "composed"])
 @pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
-def test_f16_cache_matches_reference(model_path, gguf, flash_attn):
+def test_f16_cache_matches_reference(model_path, gguf, flash_attn, kernel):
+    # flash attention off stores V transposed: the fused op reads it through a permuted view
     llm, ctx = scored_model(model_path, flash_attn=flash_attn)
+    B.set_score_kernel(ctx, kernel)
     pos, scores, _ = B.seq_score(ctx, llm._mem, ALPHA, 0)
+    assert B.score_n_fused(ctx) == (30 if kernel == "fused" else 0)
     errors = []
     for il in LAYERS:
         q, qpos, k, v, kpos = read_layer(ctx, il)
         assert np.array_equal(kpos, pos)
         ref = R.restkv_scores(q, qpos, k, v, kpos, gram_from_gguf(gguf, il), N_HEAD_KV, D**-0.5, ALPHA, qpos[0])
         errors.append(relative_error(scores[il], ref))
-    print(f"\nf16 cache, flash_attn={flash_attn}: relative errors {errors}")
+    print(f"\nf16 cache, flash_attn={flash_attn}, {kernel}: relative errors {errors}")
     assert max(errors) <= 1e-3
     llm.close()
 
@@ -82,6 +88,7 @@ def test_f16_cache_matches_reference(model_path, gguf, flash_attn):
 def test_quantized_cache_within_stated_bound(model_path, cache_type, bound, min_corr):
     llm, ctx = scored_model(model_path, flash_attn=True, type_k=cache_type, type_v=cache_type)
     pos, scores, _ = B.seq_score(ctx, llm._mem, ALPHA, 0)
+    assert B.score_n_fused(ctx) == 0  # the fused op reads f16/f32 caches; these take the composed graph
     errors, corrs = [], []
     for il in LAYERS:
         q, qpos, k, v, kpos = read_layer(ctx, il)
@@ -92,6 +99,47 @@ def test_quantized_cache_within_stated_bound(model_path, cache_type, bound, min_
         corrs.append(float(np.corrcoef(scores[il].ravel(), ref.ravel())[0, 1]))
     print(f"\ncache type {cache_type}: relative errors {errors}, correlations {corrs}")
     assert max(errors) <= bound and min(corrs) >= min_corr
+    llm.close()
+
+
+# The mean position of each row's n_select most attended cells (ReST-KV's adaptive smoothing reads
+# t = front - rear). The composed graph sorts (ggml_top_k); the fused op uses two histograms, exact up
+# to cells whose weights agree within 1/64 of an octave, whose share it estimates: bound 1% of the cells.
+@pytest.mark.parametrize("kernel", ["fused", "composed"])
+def test_top_positions_match_reference(model_path, kernel):
+    llm, ctx = scored_model(model_path, tokens=900)
+    B.set_score_kernel(ctx, kernel)
+    n_select = 300
+    pos, _, tpos = B.seq_score(ctx, llm._mem, ALPHA, n_select)
+    worst_pos, worst_t = 0.0, 0.0
+    for il in LAYERS:
+        q, qpos, k, _, kpos = read_layer(ctx, il)
+        ref = R.top_positions(q, qpos, k, kpos, N_HEAD_KV, D**-0.5, n_select)
+        worst_pos = max(worst_pos, float(np.abs(tpos[il] - ref).max()))
+        worst_t = max(worst_t, float(np.abs((tpos[il, :, 0] - tpos[il, :, 1]) - (ref[:, 0] - ref[:, 1])).max()))
+    print(f"\n{kernel}: largest error of a mean top position {worst_pos:.3f}, of t {worst_t:.3f} ({len(pos)} cells)")
+    assert worst_pos <= 0.01 * len(pos) and worst_t <= 0.01 * len(pos)
+    # without n_select the statistic is not computed
+    _, _, none = B.seq_score(ctx, llm._mem, ALPHA, 0)
+    assert np.isnan(none).all()
+    llm.close()
+
+
+def test_fused_equals_composed_on_a_full_pass(model_path):
+    """Both implementations on the same cache, all 30 layers: scores and top positions agree."""
+    llm, ctx = scored_model(model_path, tokens=900)
+    out = {}
+    for kernel in ("composed", "fused"):
+        B.set_score_kernel(ctx, kernel)
+        out[kernel] = B.seq_score(ctx, llm._mem, ALPHA, 300)
+    (pos_c, sc_c, tp_c), (pos_f, sc_f, tp_f) = out["composed"], out["fused"]
+    assert np.array_equal(pos_c, pos_f)
+    err = relative_error(sc_f, sc_c)
+    print(f"\nfused vs composed, 30 layers: relative error {err:.2e}, top positions within {np.abs(tp_f - tp_c).max():.2f}")
+    assert err <= 1e-3
+    assert np.abs(tp_f - tp_c).max() <= 0.01 * len(pos_c)
+    with pytest.raises(ValueError):
+        B.set_score_kernel(ctx, "fastest")
     llm.close()
 
 
