@@ -128,6 +128,8 @@ def test_top_positions_match_reference(model_path, kernel):
 def test_fused_equals_composed_on_a_full_pass(model_path):
     """Both implementations on the same cache, all 30 layers: scores and top positions agree."""
     llm, ctx = scored_model(model_path, tokens=900)
+    B.seq_score(ctx, llm._mem, ALPHA, 300)
+    assert B.score_n_fused(ctx) == 30  # by default the CPU cache is scored by the fused op
     out = {}
     for kernel in ("composed", "fused"):
         B.set_score_kernel(ctx, kernel)

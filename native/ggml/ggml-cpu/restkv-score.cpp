@@ -21,14 +21,58 @@
 #include <cmath>
 #include <cstring>
 
+// The two inner products run over blocks of a fixed size, so that the compiler keeps the sums in
+// vector registers (a loop of runtime length stores and reloads them at every step).
+#define RESTKV_CPU_ROWS 32 // query rows per block of S
+#define RESTKV_CPU_DIMS 64 // output dimensions per block of G v
+
+static int64_t restkv_pad(int64_t n, int64_t to) {
+    return (n + to - 1)/to*to;
+}
+
+// sizeless vector types (SVE, RISC-V V) cannot form arrays: those take the plain loop
+#if defined(GGML_SIMD) && !defined(__ARM_FEATURE_SVE) && !defined(__riscv_v_intrinsic)
+#    define RESTKV_CPU_SIMD
+#endif
+
+// out[0..N) = sum over j < n of s[j]*x[j*stride + 0..N): N sums kept in registers
+template <int N>
+static inline void restkv_sum_rows(float * out, const float * x, int64_t stride, const float * s, int64_t n) {
+#if defined(RESTKV_CPU_SIMD)
+    static_assert(N % GGML_F32_EPR == 0, "block size must be a multiple of the vector width");
+    constexpr int n_vec = N/GGML_F32_EPR;
+    GGML_F32_VEC acc[n_vec];
+    for (int v = 0; v < n_vec; ++v) {
+        acc[v] = GGML_F32_VEC_ZERO;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+        const GGML_F32_VEC sj = GGML_F32_VEC_SET1(s[j]);
+        const float * xj = x + j*stride;
+        for (int v = 0; v < n_vec; ++v) {
+            acc[v] = GGML_F32_VEC_FMA(acc[v], GGML_F32_VEC_LOAD(xj + v*GGML_F32_EPR), sj);
+        }
+    }
+    for (int v = 0; v < n_vec; ++v) {
+        GGML_F32_VEC_STORE(out + v*GGML_F32_EPR, acc[v]);
+    }
+#else
+    float acc[N] = { 0.0f };
+    for (int64_t j = 0; j < n; ++j) {
+        for (int i = 0; i < N; ++i) {
+            acc[i] += s[j]*x[j*stride + i];
+        }
+    }
+    memcpy(out, acc, sizeof(acc));
+#endif
+}
+
 // per-thread scratch, in floats
 static size_t restkv_score_scratch(int64_t n_kv, int64_t n_row, int64_t d, int64_t dv) {
-    return (size_t) n_kv*(d + dv) // keys and values of one KV head, f32
-         + (size_t) n_row*n_kv    // S, then the softmax rows
-         + (size_t) d*n_row       // the head's queries, transposed
-         + (size_t) n_row         // scores of one cell over the rows
-         + (size_t) dv            // G v
-         + 16;                    // so that each thread's part can start on a cache line
+    return (size_t) n_kv*(d + dv)                  // keys and values of one KV head, f32
+         + (size_t) n_row*n_kv                     // S, then the softmax rows
+         + (size_t) d*restkv_pad(n_row, RESTKV_CPU_ROWS) // the head's queries, transposed, zero-padded
+         + (size_t) restkv_pad(dv, RESTKV_CPU_DIMS) // G v
+         + 16;                                      // so that each thread's part can start on a cache line
 }
 
 size_t ggml_restkv_score_work_size(const struct ggml_tensor * dst, int n_threads) {
@@ -42,7 +86,9 @@ size_t ggml_restkv_score_work_size(const struct ggml_tensor * dst, int n_threads
 static void restkv_row_to_f32(const ggml_tensor * t, int64_t i1, int64_t i2, float * out) {
     const char * base = (const char *) t->data + i1*t->nb[1] + i2*t->nb[2];
     const int64_t n = t->ne[0];
-    if (t->type == GGML_TYPE_F32) {
+    if (t->type == GGML_TYPE_F16 && t->nb[0] == sizeof(ggml_fp16_t)) {
+        ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) base, out, n); // contiguous row: SIMD conversion
+    } else if (t->type == GGML_TYPE_F32) {
         for (int64_t i = 0; i < n; ++i) {
             out[i] = *(const float *) (base + i*t->nb[0]);
         }
@@ -82,12 +128,13 @@ void ggml_compute_forward_restkv_score(const struct ggml_compute_params * params
     const float   * ew = (const float   *) ema->data;
 
     const size_t scratch = restkv_score_scratch(n_kv, n_row, d, dv);
+    const int64_t n_row_pad = restkv_pad(n_row, RESTKV_CPU_ROWS);
+
     float * kf  = (float *) params->wdata + scratch*params->ith;
     float * vf  = kf + n_kv*d;
     float * S   = vf + n_kv*dv;
     float * qt  = S + n_row*n_kv;
-    float * sc  = qt + d*n_row;
-    float * gv  = sc + n_row;
+    float * gv  = qt + d*n_row_pad;
 
     const int64_t half = n_row/2;
 
@@ -100,24 +147,23 @@ void ggml_compute_forward_restkv_score(const struct ggml_compute_params * params
             restkv_row_to_f32(v, c, hk, vf + c*dv);
         }
         const float * qh = (const float *) ((const char *) q->data + h*q->nb[2]);
+        memset(qt, 0, d*n_row_pad*sizeof(float));
         for (int64_t r = 0; r < n_row; ++r) {
             const float * qr = (const float *) ((const char *) qh + r*q->nb[1]);
             for (int64_t i = 0; i < d; ++i) {
-                qt[i*n_row + r] = qr[i]*scale;
+                qt[i*n_row_pad + r] = qr[i]*scale;
             }
         }
 
-        // 1. S: per cell, all rows at once (a sum of d row vectors, which vectorizes)
+        // 1. S: per cell, a block of rows at once, as a sum of d row vectors
         for (int64_t c = 0; c < n_kv; ++c) {
-            for (int64_t r = 0; r < n_row; ++r) {
-                sc[r] = 0.0f;
-            }
             const float * kc = kf + c*d;
-            for (int64_t i = 0; i < d; ++i) {
-                ggml_vec_mad_f32((int) n_row, sc, qt + i*n_row, kc[i]);
-            }
-            for (int64_t r = 0; r < n_row; ++r) {
-                S[r*n_kv + c] = restkv_visible(cp[c], rp[r]) ? sc[r] : -INFINITY;
+            for (int64_t r0 = 0; r0 < n_row; r0 += RESTKV_CPU_ROWS) {
+                float acc[RESTKV_CPU_ROWS];
+                restkv_sum_rows<RESTKV_CPU_ROWS>(acc, qt + r0, n_row_pad, kc, d);
+                for (int64_t r = r0; r < n_row && r < r0 + RESTKV_CPU_ROWS; ++r) {
+                    S[r*n_kv + c] = restkv_visible(cp[c], rp[r]) ? acc[r - r0] : -INFINITY;
+                }
             }
         }
 
@@ -208,9 +254,19 @@ void ggml_compute_forward_restkv_score(const struct ggml_compute_params * params
                 continue;
             }
             const float * vc = vf + c*dv;
-            memset(gv, 0, dv*sizeof(float));
-            for (int64_t j = 0; j < dv; ++j) {
-                ggml_vec_mad_f32((int) dv, gv, G + j*dv, vc[j]);
+            for (int64_t i0 = 0; i0 < dv; i0 += RESTKV_CPU_DIMS) {
+                const int64_t n_i = dv - i0 < RESTKV_CPU_DIMS ? dv - i0 : RESTKV_CPU_DIMS;
+                float acc[RESTKV_CPU_DIMS] = { 0.0f };
+                if (n_i == RESTKV_CPU_DIMS) {
+                    restkv_sum_rows<RESTKV_CPU_DIMS>(acc, G + i0, dv, vc, dv); // G is symmetric: column j = row j
+                } else {
+                    for (int64_t j = 0; j < dv; ++j) {
+                        for (int64_t i = 0; i < n_i; ++i) {
+                            acc[i] += G[j*dv + i0 + i]*vc[j];
+                        }
+                    }
+                }
+                memcpy(gv + i0, acc, n_i*sizeof(float));
             }
             float vgv = 0.0f;
             float gov = 0.0f;
