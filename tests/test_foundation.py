@@ -1,6 +1,7 @@
 """The foundation: the patched build, the full and shift policies, the evict/compact API and the
 errors, all on the real SmolLM2-135M model."""
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -125,6 +126,57 @@ def test_evict_scattered_positions_and_continue(model_path):
     assert 0 <= token < llm.n_vocab()
     assert llm.kv_stats()["cells_used"] == 200 - len(drop) + len(more)
     llm.close()
+
+
+def _last_logits(llm):
+    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
+
+
+def test_eviction_packs_cells_and_the_output_stays(model_path):
+    """kv_evict moves the cells above the freed ones down into the holes (patches/0005), so that
+    attention spans only as many cells as are used. The reference for the packed cache is llama.cpp's
+    own: the same removal with llama_memory_seq_rm, then the sequence's state saved and restored into
+    a fresh context (restoring writes the cells contiguously). The next tokens' logits must agree."""
+    drop = list(range(10, 130, 2))  # 60 cells low in the cache: the top 60 must move
+
+    def prefilled():
+        llm = open_llama(model_path, n_ctx=512, n_batch=128)
+        llm.eval(llm.tokenize(make_document(llm, 300, [], seed=5).encode())[:300])
+        return llm
+
+    llm = prefilled()
+    more = llm.tokenize(b" And so the story", add_bos=False)
+    assert llm.kv_evict(drop) == len(drop)
+    assert llm.kv_stats()["cells_used"] == 240
+    llm.eval(more)
+    packed = _last_logits(llm)
+    llm.close()
+
+    llm = prefilled()
+    mem = llama_cpp.llama_get_memory(llm.ctx)
+    for p in drop:
+        assert llama_cpp.llama_memory_seq_rm(mem, 0, p, p + 1)
+    size = llama_cpp.llama_state_seq_get_size(llm.ctx, 0)
+    state = (ctypes.c_uint8 * size)()
+    size = llama_cpp.llama_state_seq_get_data(llm.ctx, state, size, 0)
+    fresh = open_llama(model_path, n_ctx=512, n_batch=128)
+    assert llama_cpp.llama_state_seq_set_data(fresh.ctx, state, size, 0) == size
+    batch = llama_cpp.llama_batch_init(len(more), 0, 1)
+    for i, t in enumerate(more):
+        batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, 300 + i, 1
+        batch.seq_id[i][0] = 0
+        batch.logits[i] = i == len(more) - 1
+    batch.n_tokens = len(more)
+    assert llama_cpp.llama_decode(fresh.ctx, batch) == 0
+    restored = _last_logits(fresh)
+    llama_cpp.llama_batch_free(batch)
+    fresh.close()
+    llm.close()
+
+    diff = float(np.abs(packed - restored).max())
+    print(f"\nlargest logit difference, kv_evict (packed) vs llama.cpp state restore: {diff:.2e}")
+    assert diff <= 1e-4
 
 
 def test_compact_makes_positions_dense_and_keeps_order(model_path):

@@ -157,6 +157,12 @@ void ggml_compute_forward_restkv_score(const struct ggml_compute_params * params
 
         // 1. S: per cell, a block of rows at once, as a sum of d row vectors
         for (int64_t c = 0; c < n_kv; ++c) {
+            if (cp[c] < 0) {
+                for (int64_t r = 0; r < n_row; ++r) {
+                    S[r*n_kv + c] = -INFINITY; // a hole, or a cell of another sequence
+                }
+                continue;
+            }
             const float * kc = kf + c*d;
             for (int64_t r0 = 0; r0 < n_row; r0 += RESTKV_CPU_ROWS) {
                 float acc[RESTKV_CPU_ROWS];
