@@ -1,8 +1,9 @@
 // GGML_OP_RESTKV_SCORE on the CPU: the reference the CUDA and Metal kernels mirror. The per-key
-// arithmetic is in ../restkv-score-common.h; this file adds the loops. Threads split the query
-// heads; each head is independent and writes only its own row of dst, so no barrier is needed.
+// arithmetic is in ../restkv-score-common.h; this file adds the loops. Each query head writes only
+// its own row of dst.
 //
-// Per head, with the keys and values of its KV head converted to f32 once:
+// Threads split the query heads (a barrier to balance the last step across cells measured slower
+// on 2 threads), with the keys and values of the head's KV head converted to f32 once:
 //   1. S[r][c] = scale*q[r].k[c] for every row and cell (-inf where the row does not see the cell)
 //   2. each row's softmax, added into abar with the row's EMA weight; the row's two histograms
 //   3. o = sum over the prefix of abar*v, then G o and o'Go
@@ -35,31 +36,44 @@ static int64_t restkv_pad(int64_t n, int64_t to) {
 #    define RESTKV_CPU_SIMD
 #endif
 
-// out[0..N) = sum over j < n of s[j]*x[j*stride + 0..N): N sums kept in registers
-template <int N>
-static inline void restkv_sum_rows(float * out, const float * x, int64_t stride, const float * s, int64_t n) {
+// for each of M vectors s_m (s + m*s_stride): out[m*N + 0..N) = sum over j < n of s_m[j]*x[j*stride + 0..N).
+// N sums per vector stay in registers, and M vectors at once give the FMA units independent chains.
+template <int N, int M>
+static inline void restkv_sum_rows(float * out, const float * x, int64_t stride, const float * s, int64_t s_stride, int64_t n) {
 #if defined(RESTKV_CPU_SIMD)
     static_assert(N % GGML_F32_EPR == 0, "block size must be a multiple of the vector width");
     constexpr int n_vec = N/GGML_F32_EPR;
-    GGML_F32_VEC acc[n_vec];
-    for (int v = 0; v < n_vec; ++v) {
-        acc[v] = GGML_F32_VEC_ZERO;
-    }
-    for (int64_t j = 0; j < n; ++j) {
-        const GGML_F32_VEC sj = GGML_F32_VEC_SET1(s[j]);
-        const float * xj = x + j*stride;
+    GGML_F32_VEC acc[M][n_vec];
+    for (int m = 0; m < M; ++m) {
         for (int v = 0; v < n_vec; ++v) {
-            acc[v] = GGML_F32_VEC_FMA(acc[v], GGML_F32_VEC_LOAD(xj + v*GGML_F32_EPR), sj);
+            acc[m][v] = GGML_F32_VEC_ZERO;
         }
     }
-    for (int v = 0; v < n_vec; ++v) {
-        GGML_F32_VEC_STORE(out + v*GGML_F32_EPR, acc[v]);
+    for (int64_t j = 0; j < n; ++j) {
+        const float * xj = x + j*stride;
+        GGML_F32_VEC xv[n_vec];
+        for (int v = 0; v < n_vec; ++v) {
+            xv[v] = GGML_F32_VEC_LOAD(xj + v*GGML_F32_EPR);
+        }
+        for (int m = 0; m < M; ++m) {
+            const GGML_F32_VEC sj = GGML_F32_VEC_SET1(s[m*s_stride + j]);
+            for (int v = 0; v < n_vec; ++v) {
+                acc[m][v] = GGML_F32_VEC_FMA(acc[m][v], xv[v], sj);
+            }
+        }
+    }
+    for (int m = 0; m < M; ++m) {
+        for (int v = 0; v < n_vec; ++v) {
+            GGML_F32_VEC_STORE(out + m*N + v*GGML_F32_EPR, acc[m][v]);
+        }
     }
 #else
-    float acc[N] = { 0.0f };
+    float acc[M][N] = { { 0.0f } };
     for (int64_t j = 0; j < n; ++j) {
-        for (int i = 0; i < N; ++i) {
-            acc[i] += s[j]*x[j*stride + i];
+        for (int m = 0; m < M; ++m) {
+            for (int i = 0; i < N; ++i) {
+                acc[m][i] += s[m*s_stride + j]*x[j*stride + i];
+            }
         }
     }
     memcpy(out, acc, sizeof(acc));
@@ -71,7 +85,8 @@ static size_t restkv_score_scratch(int64_t n_kv, int64_t n_row, int64_t d, int64
     return (size_t) n_kv*(d + dv)                  // keys and values of one KV head, f32
          + (size_t) n_row*n_kv                     // S, then the softmax rows
          + (size_t) d*restkv_pad(n_row, RESTKV_CPU_ROWS) // the head's queries, transposed, zero-padded
-         + (size_t) restkv_pad(dv, RESTKV_CPU_DIMS) // G v
+         + (size_t) 4*restkv_pad(dv, RESTKV_CPU_DIMS) // G v of four cells
+         + (size_t) n_kv/sizeof(float) + 1         // the octave of each cell, one byte each
          + 16;                                      // so that each thread's part can start on a cache line
 }
 
@@ -82,19 +97,47 @@ size_t ggml_restkv_score_work_size(const struct ggml_tensor * dst, int n_threads
     return sizeof(float)*restkv_score_scratch(k->ne[1], q->ne[1], q->ne[0], v->ne[0])*n_threads;
 }
 
-// row i of a [ne0, ne1, ne2] tensor slice (i1 = cell, i2 = head) to f32, whatever its strides
-static void restkv_row_to_f32(const ggml_tensor * t, int64_t i1, int64_t i2, float * out) {
-    const char * base = (const char *) t->data + i1*t->nb[1] + i2*t->nb[2];
-    const int64_t n = t->ne[0];
-    if (t->type == GGML_TYPE_F16 && t->nb[0] == sizeof(ggml_fp16_t)) {
-        ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) base, out, n); // contiguous row: SIMD conversion
-    } else if (t->type == GGML_TYPE_F32) {
-        for (int64_t i = 0; i < n; ++i) {
-            out[i] = *(const float *) (base + i*t->nb[0]);
+// a histogram counted in locals, stored as restkv_hist_add would have left it: {count, sum lo, sum hi}
+static void restkv_hist_store(uint32_t * hist, const uint32_t * cnt, const uint64_t * sum) {
+    for (int b = 0; b < RESTKV_HIST_BINS; ++b) {
+        hist[3*b + 0] = cnt[b];
+        hist[3*b + 1] = (uint32_t) (sum[b] & 0xffffffffu);
+        hist[3*b + 2] = (uint32_t) (sum[b] >> 32);
+    }
+}
+
+static float restkv_load_f32(const ggml_tensor * t, const char * p) {
+    return t->type == GGML_TYPE_F32 ? *(const float *) p : GGML_CPU_FP16_TO_FP32(*(const ggml_fp16_t *) p);
+}
+
+// cells [c_first, c_first + n_kv) of head i2 of a [ne0, cells, n_head_kv] view, as f32 rows out[c*ne0 + i], whatever the
+// strides: rows of a plain cache convert as rows; a transposed V cache (cells contiguous, channels a
+// cache size apart) is read channel by channel over tiles of cells, since walking one cell's channels
+// touches ne0 lines that map to a few cache sets and thrash
+static void restkv_slice_to_f32(const ggml_tensor * t, int64_t i2, int64_t c_first, int64_t n_kv, float * out) {
+    const char * base = (const char *) t->data + i2*t->nb[2] + c_first*t->nb[1];
+    const int64_t ne0 = t->ne[0];
+    if (t->nb[0] <= t->nb[1]) {
+        for (int64_t c = 0; c < n_kv; ++c) {
+            const char * row = base + c*t->nb[1];
+            if (t->type == GGML_TYPE_F16 && t->nb[0] == sizeof(ggml_fp16_t)) {
+                ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) row, out + c*ne0, ne0); // SIMD conversion
+            } else {
+                for (int64_t i = 0; i < ne0; ++i) {
+                    out[c*ne0 + i] = restkv_load_f32(t, row + i*t->nb[0]);
+                }
+            }
         }
-    } else {
-        for (int64_t i = 0; i < n; ++i) {
-            out[i] = GGML_CPU_FP16_TO_FP32(*(const ggml_fp16_t *) (base + i*t->nb[0]));
+        return;
+    }
+    const int64_t tile = 64;
+    for (int64_t c0 = 0; c0 < n_kv; c0 += tile) {
+        const int64_t c1 = c0 + tile < n_kv ? c0 + tile : n_kv;
+        for (int64_t i = 0; i < ne0; ++i) {
+            const char * run = base + i*t->nb[0];
+            for (int64_t c = c0; c < c1; ++c) {
+                out[c*ne0 + i] = restkv_load_f32(t, run + c*t->nb[1]);
+            }
         }
     }
 }
@@ -135,6 +178,7 @@ void ggml_compute_forward_restkv_score(const struct ggml_compute_params * params
     float * S   = vf + n_kv*dv;
     float * qt  = S + n_row*n_kv;
     float * gv  = qt + d*n_row_pad;
+    uint8_t * octave = (uint8_t *) (gv + 4*restkv_pad(dv, RESTKV_CPU_DIMS));
 
     const int64_t half = n_row/2;
 
@@ -142,10 +186,8 @@ void ggml_compute_forward_restkv_score(const struct ggml_compute_params * params
         const int64_t hk = h/g;
         float * out = (float *) ((char *) dst->data + h*dst->nb[1]);
 
-        for (int64_t c = 0; c < n_kv; ++c) {
-            restkv_row_to_f32(k, c, hk, kf + c*d);
-            restkv_row_to_f32(v, c, hk, vf + c*dv);
-        }
+        restkv_slice_to_f32(k, hk, 0, n_kv, kf);
+        restkv_slice_to_f32(v, hk, 0, n_kv, vf);
         const float * qh = (const float *) ((const char *) q->data + h*q->nb[2]);
         memset(qt, 0, d*n_row_pad*sizeof(float));
         for (int64_t r = 0; r < n_row; ++r) {
@@ -155,22 +197,24 @@ void ggml_compute_forward_restkv_score(const struct ggml_compute_params * params
             }
         }
 
-        // 1. S: per cell, a block of rows at once, as a sum of d row vectors
-        for (int64_t c = 0; c < n_kv; ++c) {
-            if (cp[c] < 0) {
-                for (int64_t r = 0; r < n_row; ++r) {
-                    S[r*n_kv + c] = -INFINITY; // a hole, or a cell of another sequence
-                }
-                continue;
-            }
-            const float * kc = kf + c*d;
+        // 1. S: per cell, a block of rows at once, as a sum of d row vectors; four cells at a time
+        for (int64_t c = 0; c < n_kv; ) {
+            const int64_t n_c = n_kv - c >= 4 ? 4 : 1;
             for (int64_t r0 = 0; r0 < n_row; r0 += RESTKV_CPU_ROWS) {
-                float acc[RESTKV_CPU_ROWS];
-                restkv_sum_rows<RESTKV_CPU_ROWS>(acc, qt + r0, n_row_pad, kc, d);
-                for (int64_t r = r0; r < n_row && r < r0 + RESTKV_CPU_ROWS; ++r) {
-                    S[r*n_kv + c] = restkv_visible(cp[c], rp[r]) ? acc[r - r0] : -INFINITY;
+                float acc[4*RESTKV_CPU_ROWS];
+                if (n_c == 4) {
+                    restkv_sum_rows<RESTKV_CPU_ROWS, 4>(acc, qt + r0, n_row_pad, kf + c*d, d, d);
+                } else {
+                    restkv_sum_rows<RESTKV_CPU_ROWS, 1>(acc, qt + r0, n_row_pad, kf + c*d, d, d);
+                }
+                for (int64_t m = 0; m < n_c; ++m) {
+                    for (int64_t r = r0; r < n_row && r < r0 + RESTKV_CPU_ROWS; ++r) {
+                        // -inf where the row does not see the cell (later, a hole, another sequence)
+                        S[r*n_kv + c + m] = restkv_visible(cp[c + m], rp[r]) ? acc[m*RESTKV_CPU_ROWS + r - r0] : -INFINITY;
+                    }
                 }
             }
+            c += n_c;
         }
 
         // 2. softmax rows into abar; histograms of the rows
@@ -196,23 +240,39 @@ void ggml_compute_forward_restkv_score(const struct ggml_compute_params * params
             out[RESTKV_OFF_ROWSUM(n_kv, n_row) + r] = (float) sum;
             ggml_vec_mad_f32((int) n_kv, abar, srow, ew[r]);
             if (n_select > 0) {
-                // octaves, then the sub-bins of the octave that holds the n_select-th cell
+                // octaves, then the sub-bins of the octave that holds the n_select-th cell; counted in
+                // 64-bit locals (the same integers restkv_hist_add keeps in dst), the octave of each
+                // cell kept so that the second scan reads a byte instead of recomputing it
                 uint32_t * hr  = hist  + 3*RESTKV_HIST_BINS*r;
                 uint32_t * hr2 = hist2 + 3*RESTKV_HIST_BINS*r;
+                uint32_t cnt[RESTKV_HIST_BINS] = { 0 };
+                uint64_t sum[RESTKV_HIST_BINS] = { 0 };
                 for (int64_t c = 0; c < n_kv; ++c) {
+                    uint8_t b = RESTKV_HIST_BINS; // not seen by this row
                     if (restkv_visible(cp[c], rp[r])) {
                         uint32_t bits;
                         memcpy(&bits, srow + c, sizeof(bits));
-                        restkv_hist_add(hr + 3*restkv_hist_bin(bits), (uint32_t) cp[c]);
+                        b = (uint8_t) restkv_hist_bin(bits);
+                        cnt[b] += 1;
+                        sum[b] += (uint32_t) cp[c];
                     }
+                    octave[c] = b;
                 }
+                restkv_hist_store(hr, cnt, sum);
                 const int boundary = restkv_hist_boundary(hr, n_select);
-                for (int64_t c = 0; c < n_kv && boundary < RESTKV_HIST_BINS; ++c) {
-                    uint32_t bits;
-                    memcpy(&bits, srow + c, sizeof(bits));
-                    if (restkv_visible(cp[c], rp[r]) && restkv_hist_bin(bits) == boundary) {
-                        restkv_hist_add(hr2 + 3*restkv_hist_sub_bin(bits), (uint32_t) cp[c]);
+                if (boundary < RESTKV_HIST_BINS) {
+                    memset(cnt, 0, sizeof(cnt));
+                    memset(sum, 0, sizeof(sum));
+                    for (int64_t c = 0; c < n_kv; ++c) {
+                        if (octave[c] == boundary) {
+                            uint32_t bits;
+                            memcpy(&bits, srow + c, sizeof(bits));
+                            const int sb = restkv_hist_sub_bin(bits);
+                            cnt[sb] += 1;
+                            sum[sb] += (uint32_t) cp[c];
+                        }
                     }
+                    restkv_hist_store(hr2, cnt, sum);
                 }
             }
         }
@@ -253,32 +313,48 @@ void ggml_compute_forward_restkv_score(const struct ggml_compute_params * params
         ggml_vec_dot_f32((int) dv, &ogo, 0, o, 0, go, 0, 1);
         out[RESTKV_OFF_OGO(n_kv, n_row, dv)] = ogo;
 
-        // 4. per cell: v'Gv, (Go).v and the score
-        for (int64_t c = 0; c < n_kv; ++c) {
-            if (cp[c] < 0) {
-                out[c] = 0.0f;
-                continue;
-            }
-            const float * vc = vf + c*dv;
+
+        // 4. per cell: v'Gv, (Go).v and the score; G v for four cells at a time
+        for (int64_t c = 0; c < n_kv; ) {
+            const int64_t n_c = n_kv - c >= 4 ? 4 : 1;
             for (int64_t i0 = 0; i0 < dv; i0 += RESTKV_CPU_DIMS) {
                 const int64_t n_i = dv - i0 < RESTKV_CPU_DIMS ? dv - i0 : RESTKV_CPU_DIMS;
-                float acc[RESTKV_CPU_DIMS] = { 0.0f };
-                if (n_i == RESTKV_CPU_DIMS) {
-                    restkv_sum_rows<RESTKV_CPU_DIMS>(acc, G + i0, dv, vc, dv); // G is symmetric: column j = row j
+                float acc[4*RESTKV_CPU_DIMS];
+                const float * vc = vf + c*dv;
+                if (n_i == RESTKV_CPU_DIMS && n_c == 4) {
+                    // G is symmetric: column j = row j
+                    restkv_sum_rows<RESTKV_CPU_DIMS, 4>(acc, G + i0, dv, vc, dv, dv);
+                } else if (n_i == RESTKV_CPU_DIMS) {
+                    restkv_sum_rows<RESTKV_CPU_DIMS, 1>(acc, G + i0, dv, vc, dv, dv);
                 } else {
-                    for (int64_t j = 0; j < dv; ++j) {
+                    for (int64_t m = 0; m < n_c; ++m) {
                         for (int64_t i = 0; i < n_i; ++i) {
-                            acc[i] += G[j*dv + i0 + i]*vc[j];
+                            float a = 0.0f;
+                            for (int64_t j = 0; j < dv; ++j) {
+                                a += G[j*dv + i0 + i]*vc[m*dv + j];
+                            }
+                            acc[m*RESTKV_CPU_DIMS + i] = a;
                         }
                     }
                 }
-                memcpy(gv + i0, acc, n_i*sizeof(float));
+                for (int64_t m = 0; m < n_c; ++m) {
+                    memcpy(gv + m*dv + i0, acc + m*RESTKV_CPU_DIMS, n_i*sizeof(float));
+                }
             }
-            float vgv = 0.0f;
-            float gov = 0.0f;
-            ggml_vec_dot_f32((int) dv, &vgv, 0, vc, 0, gv, 0, 1);
-            ggml_vec_dot_f32((int) dv, &gov, 0, vc, 0, go, 0, 1);
-            out[c] = restkv_cell_score(abar[c], vgv, gov, ogo);
+            for (int64_t m = 0; m < n_c; ++m) {
+                const int64_t cc = c + m;
+                if (cp[cc] < 0) {
+                    out[cc] = 0.0f;
+                    continue;
+                }
+                const float * vcm = vf + cc*dv;
+                float vgv = 0.0f;
+                float gov = 0.0f;
+                ggml_vec_dot_f32((int) dv, &vgv, 0, vcm, 0, gv + m*dv, 0, 1);
+                ggml_vec_dot_f32((int) dv, &gov, 0, vcm, 0, go, 0, 1);
+                out[cc] = restkv_cell_score(abar[cc], vgv, gov, ogo);
+            }
+            c += n_c;
         }
     }
 }
