@@ -110,18 +110,14 @@ RESTKV_FN int restkv_hist_boundary(const RESTKV_GLOBAL uint32_t * hist, int n_se
 // sub-bins of its boundary octave (hist2, filled with the cells of that octave only)
 RESTKV_FN float restkv_hist_topk_mean2(const RESTKV_GLOBAL uint32_t * hist, const RESTKV_GLOBAL uint32_t * hist2,
                                        int n_select) {
+    const int b_star = restkv_hist_boundary(hist, n_select);
     float total = 0.0f;
     int   taken = 0;
-    int   b = 0;
-    for (; b < RESTKV_HIST_BINS; ++b) {
-        const int cnt = (int) hist[3*b + 0];
-        if (taken + cnt >= n_select) {
-            break;
-        }
+    for (int b = 0; b < b_star; ++b) {
         total += (float) hist[3*b + 2]*4294967296.0f + (float) hist[3*b + 1];
-        taken += cnt;
+        taken += (int) hist[3*b + 0];
     }
-    for (int s = 0; b < RESTKV_HIST_BINS && s < RESTKV_HIST_BINS && taken < n_select; ++s) {
+    for (int s = 0; b_star < RESTKV_HIST_BINS && s < RESTKV_HIST_BINS && taken < n_select; ++s) {
         const int   cnt = (int) hist2[3*s + 0];
         const float sum = (float) hist2[3*s + 2]*4294967296.0f + (float) hist2[3*s + 1];
         if (cnt == 0) {
@@ -130,29 +126,6 @@ RESTKV_FN float restkv_hist_topk_mean2(const RESTKV_GLOBAL uint32_t * hist, cons
         const int need = n_select - taken;
         total += cnt <= need ? sum : sum*((float) need/(float) cnt);
         taken += cnt <= need ? cnt : need;
-    }
-    return taken > 0 ? total/(float) taken : 0.0f;
-}
-
-// mean position of the n_select cells with the largest weights, from the octaves alone (the boundary
-// octave is taken as a whole, scaled to the cells still needed: a coarser estimate)
-RESTKV_FN float restkv_hist_topk_mean(const RESTKV_GLOBAL uint32_t * hist, int n_select) {
-    float total = 0.0f;
-    int   taken = 0;
-    for (int b = 0; b < RESTKV_HIST_BINS && taken < n_select; ++b) {
-        const int   cnt = (int) hist[3*b + 0];
-        const float sum = (float) hist[3*b + 2]*4294967296.0f + (float) hist[3*b + 1];
-        if (cnt == 0) {
-            continue;
-        }
-        const int need = n_select - taken;
-        if (cnt <= need) {
-            total += sum;
-            taken += cnt;
-        } else {
-            total += sum*((float) need/(float) cnt);
-            taken += need;
-        }
     }
     return taken > 0 ? total/(float) taken : 0.0f;
 }
