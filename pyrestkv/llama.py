@@ -75,6 +75,9 @@ class Llama(llama_cpp.Llama):
             keep until the next position would pass the training context, then compact.
         kv_aggregate: "restkv": one score per cell across layers: "max_rank" (max over layers of
             the per-layer rank) or "mean" (mean of per-layer normalized scores).
+        kv_score_kernel: "restkv": how the scoring pass runs: "auto" (the fused op where the cache's
+            device implements it: CPU, CUDA, Metal; ordinary ggml ops elsewhere and for quantized
+            caches), "fused" or "composed" (always the ordinary ops).
         progress: show a progress bar while a prompt longer than one batch is read.
         **kwargs: everything llama_cpp.Llama takes (n_ctx, n_batch, n_threads, verbose, ...).
             n_ctx is the number of KV cells; 0 means the model's training context.
@@ -96,11 +99,15 @@ class Llama(llama_cpp.Llama):
         kv_query="tail",
         kv_positions: str = "auto",
         kv_aggregate: str = "max_rank",
+        kv_score_kernel: str = "auto",
         progress: bool = False,
         **kwargs,
     ):
         if kv_policy not in POLICIES:
             raise ValueError(f"unknown kv_policy {kv_policy!r}; choose one of {sorted(POLICIES)}")
+        if kv_score_kernel not in _binding.SCORE_KERNELS:
+            raise ValueError(f"kv_score_kernel must be one of {sorted(_binding.SCORE_KERNELS)}, got {kv_score_kernel!r}")
+        self._score_kernel = kv_score_kernel
         _check_model_file(model_path)
         for name, default, allow_zero in (("n_ctx", 512, True), ("n_batch", 512, False), ("n_ubatch", 512, False)):
             _check_size(name, kwargs.get(name, default), allow_zero)
@@ -169,6 +176,7 @@ class Llama(llama_cpp.Llama):
             try:
                 _binding.set_query_window(self._ctx_ptr, self.kv_policy.window)
                 _binding.score_shape(self._ctx_ptr)
+                _binding.set_score_kernel(self._ctx_ptr, self._score_kernel)
             except _binding.KVCacheError as e:
                 raise ValueError(
                     f"kv_policy={self.kv_policy.name!r} cannot be used with this model: {e}. ReST-KV scoring "
@@ -463,6 +471,9 @@ class Llama(llama_cpp.Llama):
         stats["evict_ms"] = round(stats["evict_ms"], 3)
         if "scoring_ms" in stats:
             stats["scoring_ms"] = round(stats["scoring_ms"], 3)
+            stats["score_kernel"] = self._score_kernel
+            # layers the last pass scored with the fused op (the others took ordinary ggml ops)
+            stats["scoring_fused_layers"] = _binding.score_n_fused(self._ctx_ptr)
         if self._layer_summary is not None:
             # the last scoring pass, per layer: mean and max score over its heads and cells
             s = self._layer_summary

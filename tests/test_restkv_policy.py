@@ -26,6 +26,8 @@ def test_bounded_memory_on_a_long_document(model_path):
     assert stats["scoring_passes"] >= (len(tokens) - 1024) // 512
     assert stats["compactions"] >= 1 and stats["pos_next"] <= llm._model.n_ctx_train()
     assert len(stats["layer_scores"]) == 30
+    # the CPU's f16 cache is scored by the fused op, every layer
+    assert stats["score_kernel"] == "auto" and stats["scoring_fused_layers"] == 30
     # the recent window is always kept
     positions, cached = llm.kv_cells()
     assert list(cached[-32:]) == tokens[-32:]
@@ -144,6 +146,7 @@ def test_compact_positions_mode(model_path):
         (dict(kv_kernel=0), "kv_kernel must be >= 1"),
         (dict(kv_positions="sometimes"), "kv_positions must be"),
         (dict(kv_aggregate="median"), "kv_aggregate must be one of"),
+        (dict(kv_score_kernel="gpu"), "kv_score_kernel must be one of"),
         (dict(kv_query=3.5), "kv_query must be"),
         (dict(kv_budget=512, n_ctx=520), "n_ctx=520 leaves no room"),
     ],
@@ -151,6 +154,14 @@ def test_compact_positions_mode(model_path):
 def test_restkv_bad_arguments(model_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         open_llama(model_path, kv_policy="restkv", **kwargs)
+
+
+def test_composed_scoring_kernel_on_request(model_path):
+    llm = open_llama(model_path, kv_policy="restkv", kv_budget=256, n_batch=256, kv_score_kernel="composed")
+    llm.eval(llm.tokenize(make_document(llm, 900, [], seed=8).encode())[:800])
+    stats = llm.kv_stats()
+    assert stats["scoring_passes"] >= 1 and stats["scoring_fused_layers"] == 0
+    llm.close()
 
 
 def test_explicit_question_text(model_path):
