@@ -4,10 +4,12 @@
 //
 // Threads split the query heads (a barrier to balance the last step across cells measured slower
 // on 2 threads), with the keys and values of the head's KV head converted to f32 once:
-//   1. S[r][c] = scale*q[r].k[c] for every row and cell (-inf where the row does not see the cell)
+//   1. S[r][c] = scale*q[r].k[c] for every row and cell (-inf where the row does not see the cell),
+//      row by row over the keys transposed, so that each row's cells are stored contiguously and
+//      its maximum is taken on the way
 //   2. each row's softmax, added into abar with the row's EMA weight; the row's two histograms
 //   3. o = sum over the prefix of abar*v, then G o and o'Go
-//   4. per cell: v'Gv and (Go).v, and the score
+//   4. per cell: v'Gv (from G's upper triangle: half the work of G v) and (Go).v, and the score
 
 #include "ops.h"
 
@@ -24,8 +26,10 @@
 
 // The two inner products run over blocks of a fixed size, so that the compiler keeps the sums in
 // vector registers (a loop of runtime length stores and reloads them at every step).
-#define RESTKV_CPU_ROWS 32 // query rows per block of S
-#define RESTKV_CPU_DIMS 64 // output dimensions per block of G v
+#define RESTKV_CPU_COLS 32 // cells per block of S
+#define RESTKV_CPU_QROWS 4 // query rows per block of S
+#define RESTKV_CPU_TRI  16 // output dimensions per block of the triangular product U v
+#define RESTKV_CPU_CELLS 8 // cells per triangular block: eight independent FMA chains
 
 static int64_t restkv_pad(int64_t n, int64_t to) {
     return (n + to - 1)/to*to;
@@ -83,9 +87,12 @@ static inline void restkv_sum_rows(float * out, const float * x, int64_t stride,
 // per-thread scratch, in floats
 static size_t restkv_score_scratch(int64_t n_kv, int64_t n_row, int64_t d, int64_t dv) {
     return (size_t) n_kv*(d + dv)                  // keys and values of one KV head, f32
+         + (size_t) d*restkv_pad(n_kv, RESTKV_CPU_COLS) // the keys transposed, zero-padded
          + (size_t) n_row*n_kv                     // S, then the softmax rows
-         + (size_t) d*restkv_pad(n_row, RESTKV_CPU_ROWS) // the head's queries, transposed, zero-padded
-         + (size_t) 4*restkv_pad(dv, RESTKV_CPU_DIMS) // G v of four cells
+         + (size_t) d*n_row                        // the head's queries, scaled
+         + (size_t) n_row                          // the maximum of each row of S
+         + (size_t) RESTKV_CPU_CELLS*dv            // U v of a block of cells
+         + (size_t) dv*dv                          // U: G's upper triangle, off-diagonal doubled
          + (size_t) n_kv/sizeof(float) + 1         // the octave of each cell, one byte each
          + 16;                                      // so that each thread's part can start on a cache line
 }
@@ -110,12 +117,12 @@ static float restkv_load_f32(const ggml_tensor * t, const char * p) {
     return t->type == GGML_TYPE_F32 ? *(const float *) p : GGML_CPU_FP16_TO_FP32(*(const ggml_fp16_t *) p);
 }
 
-// cells [c_first, c_first + n_kv) of head i2 of a [ne0, cells, n_head_kv] view, as f32 rows out[c*ne0 + i], whatever the
+// cells [0, n_kv) of head i2 of a [ne0, cells, n_head_kv] view, as f32 rows out[c*ne0 + i], whatever the
 // strides: rows of a plain cache convert as rows; a transposed V cache (cells contiguous, channels a
 // cache size apart) is read channel by channel over tiles of cells, since walking one cell's channels
 // touches ne0 lines that map to a few cache sets and thrash
-static void restkv_slice_to_f32(const ggml_tensor * t, int64_t i2, int64_t c_first, int64_t n_kv, float * out) {
-    const char * base = (const char *) t->data + i2*t->nb[2] + c_first*t->nb[1];
+static void restkv_slice_to_f32(const ggml_tensor * t, int64_t i2, int64_t n_kv, float * out) {
+    const char * base = (const char *) t->data + i2*t->nb[2];
     const int64_t ne0 = t->ne[0];
     if (t->nb[0] <= t->nb[1]) {
         for (int64_t c = 0; c < n_kv; ++c) {
@@ -171,50 +178,81 @@ void ggml_compute_forward_restkv_score(const struct ggml_compute_params * params
     const float   * ew = (const float   *) ema->data;
 
     const size_t scratch = restkv_score_scratch(n_kv, n_row, d, dv);
-    const int64_t n_row_pad = restkv_pad(n_row, RESTKV_CPU_ROWS);
+    const int64_t n_kv_pad = restkv_pad(n_kv, RESTKV_CPU_COLS);
 
     float * kf  = (float *) params->wdata + scratch*params->ith;
     float * vf  = kf + n_kv*d;
-    float * S   = vf + n_kv*dv;
-    float * qt  = S + n_row*n_kv;
-    float * gv  = qt + d*n_row_pad;
-    uint8_t * octave = (uint8_t *) (gv + 4*restkv_pad(dv, RESTKV_CPU_DIMS));
+    float * kt  = vf + n_kv*dv;
+    float * S   = kt + d*n_kv_pad;
+    float * qs  = S + n_row*n_kv;
+    float * smax = qs + d*n_row;
+    float * uv  = smax + n_row;
+    float * U   = uv + RESTKV_CPU_CELLS*dv;
+    uint8_t * octave = (uint8_t *) (U + dv*dv);
 
     const int64_t half = n_row/2;
 
+    int64_t hk_loaded = -1;
     for (int64_t h = params->ith; h < n_head; h += params->nth) {
         const int64_t hk = h/g;
         float * out = (float *) ((char *) dst->data + h*dst->nb[1]);
 
-        restkv_slice_to_f32(k, hk, 0, n_kv, kf);
-        restkv_slice_to_f32(v, hk, 0, n_kv, vf);
-        const float * qh = (const float *) ((const char *) q->data + h*q->nb[2]);
-        memset(qt, 0, d*n_row_pad*sizeof(float));
-        for (int64_t r = 0; r < n_row; ++r) {
-            const float * qr = (const float *) ((const char *) qh + r*q->nb[1]);
-            for (int64_t i = 0; i < d; ++i) {
-                qt[i*n_row_pad + r] = qr[i]*scale;
-            }
-        }
-
-        // 1. S: per cell, a block of rows at once, as a sum of d row vectors; four cells at a time
-        for (int64_t c = 0; c < n_kv; ) {
-            const int64_t n_c = n_kv - c >= 4 ? 4 : 1;
-            for (int64_t r0 = 0; r0 < n_row; r0 += RESTKV_CPU_ROWS) {
-                float acc[4*RESTKV_CPU_ROWS];
-                if (n_c == 4) {
-                    restkv_sum_rows<RESTKV_CPU_ROWS, 4>(acc, qt + r0, n_row_pad, kf + c*d, d, d);
-                } else {
-                    restkv_sum_rows<RESTKV_CPU_ROWS, 1>(acc, qt + r0, n_row_pad, kf + c*d, d, d);
-                }
-                for (int64_t m = 0; m < n_c; ++m) {
-                    for (int64_t r = r0; r < n_row && r < r0 + RESTKV_CPU_ROWS; ++r) {
-                        // -inf where the row does not see the cell (later, a hole, another sequence)
-                        S[r*n_kv + c + m] = restkv_visible(cp[c + m], rp[r]) ? acc[m*RESTKV_CPU_ROWS + r - r0] : -INFINITY;
+        if (hk != hk_loaded) { // query heads of one group share their keys and values
+            restkv_slice_to_f32(k, hk, n_kv, kf);
+            restkv_slice_to_f32(v, hk, n_kv, vf);
+            for (int64_t c0 = 0; c0 < n_kv_pad; c0 += RESTKV_CPU_COLS) { // in tiles, to stay in cache
+                for (int64_t i = 0; i < d; ++i) {
+                    for (int64_t c = c0; c < c0 + RESTKV_CPU_COLS; ++c) {
+                        kt[i*n_kv_pad + c] = c < n_kv ? kf[c*d + i] : 0.0f;
                     }
                 }
             }
-            c += n_c;
+            hk_loaded = hk;
+        }
+        const float * qh = (const float *) ((const char *) q->data + h*q->nb[2]);
+        for (int64_t r = 0; r < n_row; ++r) {
+            const float * qr = (const float *) ((const char *) qh + r*q->nb[1]);
+            for (int64_t i = 0; i < d; ++i) {
+                qs[r*d + i] = qr[i]*scale;
+            }
+        }
+
+        // 1. S: a block of rows times a block of cells at once, as a sum of d key-channel vectors
+        for (int64_t r0 = 0; r0 < n_row; ) {
+            const int64_t n_r = n_row - r0 >= RESTKV_CPU_QROWS ? RESTKV_CPU_QROWS : 1;
+            float lane_max[RESTKV_CPU_QROWS][RESTKV_CPU_COLS];
+            for (int64_t m = 0; m < n_r; ++m) {
+                for (int64_t j = 0; j < RESTKV_CPU_COLS; ++j) {
+                    lane_max[m][j] = -INFINITY;
+                }
+            }
+            for (int64_t c0 = 0; c0 < n_kv; c0 += RESTKV_CPU_COLS) {
+                float acc[RESTKV_CPU_QROWS*RESTKV_CPU_COLS];
+                if (n_r == RESTKV_CPU_QROWS) {
+                    restkv_sum_rows<RESTKV_CPU_COLS, RESTKV_CPU_QROWS>(acc, kt + c0, n_kv_pad, qs + r0*d, d, d);
+                } else {
+                    restkv_sum_rows<RESTKV_CPU_COLS, 1>(acc, kt + c0, n_kv_pad, qs + r0*d, d, d);
+                }
+                const int64_t n_j = n_kv - c0 < RESTKV_CPU_COLS ? n_kv - c0 : RESTKV_CPU_COLS;
+                for (int64_t m = 0; m < n_r; ++m) {
+                    const int32_t rpos_m = rp[r0 + m];
+                    float * srow = S + (r0 + m)*n_kv + c0;
+                    for (int64_t j = 0; j < n_j; ++j) {
+                        // -inf where the row does not see the cell (later, a hole, another sequence)
+                        const float sj = restkv_visible(cp[c0 + j], rpos_m) ? acc[m*RESTKV_CPU_COLS + j] : -INFINITY;
+                        srow[j] = sj;
+                        lane_max[m][j] = sj > lane_max[m][j] ? sj : lane_max[m][j];
+                    }
+                }
+            }
+            for (int64_t m = 0; m < n_r; ++m) {
+                float mx = -INFINITY;
+                for (int64_t j = 0; j < RESTKV_CPU_COLS; ++j) {
+                    mx = lane_max[m][j] > mx ? lane_max[m][j] : mx;
+                }
+                smax[r0 + m] = mx;
+            }
+            r0 += n_r;
         }
 
         // 2. softmax rows into abar; histograms of the rows
@@ -226,10 +264,7 @@ void ggml_compute_forward_restkv_score(const struct ggml_compute_params * params
         memset(hist2, 0, 3*RESTKV_HIST_BINS*n_row*sizeof(uint32_t));
         for (int64_t r = 0; r < n_row; ++r) {
             float * srow = S + r*n_kv;
-            float max = -INFINITY;
-            for (int64_t c = 0; c < n_kv; ++c) {
-                max = srow[c] > max ? srow[c] : max;
-            }
+            const float max = smax[r];
             if (max == -INFINITY) {
                 continue; // the row sees no cell
             }
@@ -242,21 +277,28 @@ void ggml_compute_forward_restkv_score(const struct ggml_compute_params * params
             if (n_select > 0) {
                 // octaves, then the sub-bins of the octave that holds the n_select-th cell; counted in
                 // 64-bit locals (the same integers restkv_hist_add keeps in dst), the octave of each
-                // cell kept so that the second scan reads a byte instead of recomputing it
+                // cell kept so that the second scan reads a byte instead of recomputing it. The first
+                // scan counts even and odd cells apart: neighbours mostly share a bin, and one set of
+                // counters would chain every add on the previous one's store. (Four sets, and a
+                // branch-free second scan, measured slower.)
                 uint32_t * hr  = hist  + 3*RESTKV_HIST_BINS*r;
                 uint32_t * hr2 = hist2 + 3*RESTKV_HIST_BINS*r;
-                uint32_t cnt[RESTKV_HIST_BINS] = { 0 };
-                uint64_t sum[RESTKV_HIST_BINS] = { 0 };
+                uint32_t cnt2[2][RESTKV_HIST_BINS + 1] = { { 0 } };
+                uint64_t sum2[2][RESTKV_HIST_BINS + 1] = { { 0 } };
                 for (int64_t c = 0; c < n_kv; ++c) {
-                    uint8_t b = RESTKV_HIST_BINS; // not seen by this row
-                    if (restkv_visible(cp[c], rp[r])) {
-                        uint32_t bits;
-                        memcpy(&bits, srow + c, sizeof(bits));
-                        b = (uint8_t) restkv_hist_bin(bits);
-                        cnt[b] += 1;
-                        sum[b] += (uint32_t) cp[c];
-                    }
+                    uint32_t bits;
+                    memcpy(&bits, srow + c, sizeof(bits));
+                    // bin RESTKV_HIST_BINS: not seen by this row
+                    const uint8_t b = restkv_visible(cp[c], rp[r]) ? (uint8_t) restkv_hist_bin(bits) : RESTKV_HIST_BINS;
+                    cnt2[c & 1][b] += 1;
+                    sum2[c & 1][b] += (uint32_t) cp[c];
                     octave[c] = b;
+                }
+                uint32_t cnt[RESTKV_HIST_BINS];
+                uint64_t sum[RESTKV_HIST_BINS];
+                for (int bin = 0; bin < RESTKV_HIST_BINS; ++bin) {
+                    cnt[bin] = cnt2[0][bin] + cnt2[1][bin];
+                    sum[bin] = sum2[0][bin] + sum2[1][bin];
                 }
                 restkv_hist_store(hr, cnt, sum);
                 const int boundary = restkv_hist_boundary(hr, n_select);
@@ -314,31 +356,38 @@ void ggml_compute_forward_restkv_score(const struct ggml_compute_params * params
         out[RESTKV_OFF_OGO(n_kv, n_row, dv)] = ogo;
 
 
-        // 4. per cell: v'Gv, (Go).v and the score; G v for four cells at a time
+        // 4. per cell: v'Gv, (Go).v and the score. v'Gv = v'U v with U the upper triangle of G, its
+        // off-diagonal doubled: rows i0.. of U v need only v[i0..], so blocks of U v cost 5/8 of G v
+        for (int64_t j = 0; j < dv; ++j) {
+            for (int64_t i = 0; i < dv; ++i) {
+                U[j*dv + i] = i < j ? 2.0f*G[j*dv + i] : (i == j ? G[j*dv + i] : 0.0f); // U[j*dv + i] = U_ij
+            }
+        }
+        const bool tri_blocks = dv % RESTKV_CPU_TRI == 0;
         for (int64_t c = 0; c < n_kv; ) {
-            const int64_t n_c = n_kv - c >= 4 ? 4 : 1;
-            for (int64_t i0 = 0; i0 < dv; i0 += RESTKV_CPU_DIMS) {
-                const int64_t n_i = dv - i0 < RESTKV_CPU_DIMS ? dv - i0 : RESTKV_CPU_DIMS;
-                float acc[4*RESTKV_CPU_DIMS];
-                const float * vc = vf + c*dv;
-                if (n_i == RESTKV_CPU_DIMS && n_c == 4) {
-                    // G is symmetric: column j = row j
-                    restkv_sum_rows<RESTKV_CPU_DIMS, 4>(acc, G + i0, dv, vc, dv, dv);
-                } else if (n_i == RESTKV_CPU_DIMS) {
-                    restkv_sum_rows<RESTKV_CPU_DIMS, 1>(acc, G + i0, dv, vc, dv, dv);
-                } else {
+            const int64_t n_c = n_kv - c >= RESTKV_CPU_CELLS ? RESTKV_CPU_CELLS : 1;
+            const float * vc = vf + c*dv;
+            if (tri_blocks) {
+                for (int64_t i0 = 0; i0 < dv; i0 += RESTKV_CPU_TRI) {
+                    float acc[RESTKV_CPU_CELLS*RESTKV_CPU_TRI];
+                    if (n_c == RESTKV_CPU_CELLS) {
+                        restkv_sum_rows<RESTKV_CPU_TRI, RESTKV_CPU_CELLS>(acc, U + i0*dv + i0, dv, vc + i0, dv, dv - i0);
+                    } else {
+                        restkv_sum_rows<RESTKV_CPU_TRI, 1>(acc, U + i0*dv + i0, dv, vc + i0, dv, dv - i0);
+                    }
                     for (int64_t m = 0; m < n_c; ++m) {
-                        for (int64_t i = 0; i < n_i; ++i) {
-                            float a = 0.0f;
-                            for (int64_t j = 0; j < dv; ++j) {
-                                a += G[j*dv + i0 + i]*vc[m*dv + j];
-                            }
-                            acc[m*RESTKV_CPU_DIMS + i] = a;
-                        }
+                        memcpy(uv + m*dv + i0, acc + m*RESTKV_CPU_TRI, RESTKV_CPU_TRI*sizeof(float));
                     }
                 }
+            } else {
                 for (int64_t m = 0; m < n_c; ++m) {
-                    memcpy(gv + m*dv + i0, acc + m*RESTKV_CPU_DIMS, n_i*sizeof(float));
+                    for (int64_t i = 0; i < dv; ++i) {
+                        float a = 0.0f;
+                        for (int64_t j = i; j < dv; ++j) {
+                            a += U[j*dv + i]*vc[m*dv + j];
+                        }
+                        uv[m*dv + i] = a;
+                    }
                 }
             }
             for (int64_t m = 0; m < n_c; ++m) {
@@ -350,7 +399,7 @@ void ggml_compute_forward_restkv_score(const struct ggml_compute_params * params
                 const float * vcm = vf + cc*dv;
                 float vgv = 0.0f;
                 float gov = 0.0f;
-                ggml_vec_dot_f32((int) dv, &vgv, 0, vcm, 0, gv + m*dv, 0, 1);
+                ggml_vec_dot_f32((int) dv, &vgv, 0, vcm, 0, uv + m*dv, 0, 1);
                 ggml_vec_dot_f32((int) dv, &gov, 0, vcm, 0, go, 0, 1);
                 out[cc] = restkv_cell_score(abar[cc], vgv, gov, ogo);
             }
