@@ -34,6 +34,7 @@ ffi.cdef(
     // libllama, patches/0004: the fused scoring op (GGML_OP_RESTKV_SCORE, patches/0003 + native/ggml)
     int32_t llama_kv_set_score_kernel  (void * ctx, int32_t kernel);
     int32_t llama_kv_score_n_fused     (void * ctx);
+    int32_t llama_kv_set_score_output  (void * ctx, int32_t output, int32_t rows);
 
     // libpyrestkv_native, native/restkv_policy.h
     int32_t restkv_aws_params  (double t, int32_t kernel_min, double beta, int32_t * kernel, int32_t * shift);
@@ -267,6 +268,20 @@ def set_score_kernel(ctx, kernel: str) -> None:
     if kernel not in SCORE_KERNELS:
         raise ValueError(f"score kernel must be one of {sorted(SCORE_KERNELS)}, not {kernel!r}")
     _check("llama_kv_set_score_kernel", llama.llama_kv_set_score_kernel(ctx, SCORE_KERNELS[kernel]))
+
+
+# what a scoring pass returns (LLAMA_KV_SCORE_OUT_*), and how it averages its rows (LLAMA_KV_SCORE_ROWS_*)
+SCORE_OUTPUTS = {"restkv": 0, "attention": 1}
+SCORE_ROWS = {"ema": 0, "mean": 1, "last": 2}
+
+
+def set_score_output(ctx, output: str, rows: str = "ema") -> None:
+    """'restkv' (ReST-KV's score) or 'attention' (the rows' averaged attention); rows 'ema', 'mean' or 'last'."""
+    if output not in SCORE_OUTPUTS:
+        raise ValueError(f"score output must be one of {sorted(SCORE_OUTPUTS)}, not {output!r}")
+    if rows not in SCORE_ROWS:
+        raise ValueError(f"score rows must be one of {sorted(SCORE_ROWS)}, not {rows!r}")
+    _check("llama_kv_set_score_output", llama.llama_kv_set_score_output(ctx, SCORE_OUTPUTS[output], SCORE_ROWS[rows]))
 
 
 def score_n_fused(ctx) -> int:

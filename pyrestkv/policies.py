@@ -9,6 +9,16 @@ subclass applies it through the C API and keeps the books. Policies never touch 
           (default half), re-position the remainder (one K-shift)
   restkv  ReST-KV: score every cell on the cache's device (scoring pass in patches/0002), smooth
           and aggregate on the host (native/restkv_policy), keep the best kv_budget cells
+
+Baselines, under the same budget, window, sink tokens and eviction schedule as restkv, so that a
+comparison isolates the rule that rates the cells. The three that score read the averaged attention
+from the same scoring pass (patches/0006), with the same pinned question rows where kv_query asks
+for them, and aggregate across heads and layers as restkv does:
+  snapkv     mean attention of the scoring rows, box-smoothed over 5 positions (SnapKV)
+  h2o        attention of the scoring rows, accumulated over every pass a cell lived through (H2O)
+  tova       attention of the newest row alone (TOVA)
+  streaming  no scoring: the first kv_sink tokens and the most recent ones (StreamingLLM)
+  truncate   no scoring: the first half of the budget and the most recent tokens
 """
 
 from __future__ import annotations
@@ -124,10 +134,15 @@ class RestKVPolicy(KVPolicy):
 
     name = "restkv"
     scored = True
+    #: what the scoring pass returns to this policy, and how it averages its rows (patches/0006)
+    score_output = "restkv"
+    score_rows = "ema"
+    default_kernel = 21
 
     def __init__(self, budget: int = 2048, window: int = 32, sink: int = 4, alpha: float = 0.3,
-                 beta: float = 2000.0, kernel: int = 21, query: Union[str, list, None] = "tail",
+                 beta: float = 2000.0, kernel: Optional[int] = None, query: Union[str, list, None] = "tail",
                  positions: str = "auto", aggregate: str = "max_rank"):
+        kernel = self.default_kernel if kernel is None else kernel
         for name, value, low in (("kv_budget", budget, 1), ("kv_window", window, 1), ("kv_sink", sink, 0),
                                  ("kv_kernel", kernel, 1)):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
@@ -177,17 +192,26 @@ class RestKVPolicy(KVPolicy):
     def evict_to_budget(self, view: CacheView) -> Eviction | None:
         if len(view.positions) <= self.budget:
             return None
+        pos, cell, n_head = self.rate(view)
+        protect = np.zeros(len(pos), dtype=np.uint8)
+        protect[:n_head] = 1
+        protect[max(0, len(pos) - self.window):] = 1
+        evict = _binding.select_evict(cell, self.budget, protect)
+        self.evicted(pos, evict)
+        return Eviction(positions=pos[evict], compact=self.positions == "compact")
+
+    def rate(self, view: CacheView):
+        """(positions, one score per cell (higher is kept), how many leading cells to keep always)."""
         positions = view.positions
         # the AWS offset needs the top keys' mean positions only where it can be non-zero
         span = int(positions[-1]) - int(positions[0])
         n_select = self.budget - self.window if span >= self.beta else 0
         pos, scores, tpos = view.score(n_select)
         cell, _, _ = _binding.cell_scores(scores, tpos, self.n_head_kv, self.kernel, self.beta, self.aggregate)
-        protect = np.zeros(len(pos), dtype=np.uint8)
-        protect[: self.sink] = 1
-        protect[max(0, len(pos) - self.window):] = 1
-        evict = _binding.select_evict(cell, self.budget, protect)
-        return Eviction(positions=pos[evict], compact=self.positions == "compact")
+        return pos, cell, self.sink
+
+    def evicted(self, positions: np.ndarray, evict: np.ndarray) -> None:
+        """Told which cells an eviction removed (indices into positions)."""
 
     def describe(self) -> dict:
         return {
@@ -197,4 +221,106 @@ class RestKVPolicy(KVPolicy):
         }
 
 
-POLICIES = {"full": FullPolicy, "shift": ContextShiftPolicy, "restkv": RestKVPolicy}
+class AttentionPolicy(RestKVPolicy):
+    """A baseline that ranks cells by the scoring rows' attention: the same pass, window, pinned
+    question rows, sink tokens and cross-layer aggregation as restkv; only the rule differs."""
+
+    scored = True
+    score_output = "attention"
+
+    def rate(self, view: CacheView):
+        pos, scores, _ = view.score(0)
+        scores = self.accumulate(pos, scores)
+        no_aws = np.full(scores.shape[:2] + (2,), np.nan, dtype=np.float32)  # a fixed kernel: no AWS
+        cell, _, _ = _binding.cell_scores(scores, no_aws, self.n_head_kv, self.kernel, self.beta, self.aggregate)
+        return pos, cell, self.sink
+
+    def accumulate(self, positions: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        return scores
+
+    def describe(self) -> dict:
+        d = super().describe()
+        for key in ("kv_alpha", "kv_beta"):
+            d.pop(key)
+        return d
+
+
+class SnapKVPolicy(AttentionPolicy):
+    """SnapKV: the mean attention of the window's queries (and the question's), pooled over 5 positions."""
+
+    name = "snapkv"
+    score_rows = "mean"
+    default_kernel = 5
+
+
+class TOVAPolicy(AttentionPolicy):
+    """TOVA: the attention of the newest query (the question's last token, when it is pinned)."""
+
+    name = "tova"
+    score_rows = "last"
+    default_kernel = 1
+
+
+class H2OPolicy(AttentionPolicy):
+    """H2O: attention accumulated over every scoring pass a cell has lived through (heavy hitters).
+    The scoring pass sees the window's rows, so the sum runs over those, not over every query."""
+
+    name = "h2o"
+    score_rows = "mean"
+    default_kernel = 1
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._kept_pos = np.empty(0, dtype=np.int32)
+        self._kept_acc = None
+
+    def accumulate(self, positions: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        k = len(self._kept_pos)
+        # the cells kept last time lead this pass's cells, in order; otherwise the cache was reset,
+        # renumbered or trimmed from outside, and the sums start again
+        if self._kept_acc is not None and k <= len(positions) and np.array_equal(positions[:k], self._kept_pos):
+            scores = scores.copy()
+            scores[:, :, :k] += self._kept_acc
+        self._acc_pos, self._acc = positions, scores
+        return scores
+
+    def evicted(self, positions: np.ndarray, evict: np.ndarray) -> None:
+        keep = np.ones(len(positions), dtype=bool)
+        keep[evict] = False
+        self._kept_pos = positions[keep]
+        self._kept_acc = self._acc[:, :, keep]
+
+
+class StreamingPolicy(RestKVPolicy):
+    """StreamingLLM: the first kv_sink tokens (attention sinks) and the most recent ones."""
+
+    name = "streaming"
+    scored = False
+
+    def rate(self, view: CacheView):
+        pos = view.positions
+        return pos, pos.astype(np.float32), self.sink
+
+    def describe(self) -> dict:
+        return {"kv_sink": self.sink, "kv_positions": self.positions}
+
+
+class TruncatePolicy(StreamingPolicy):
+    """Keep the head and the tail of the text: the first half of the budget and the most recent tokens."""
+
+    name = "truncate"
+
+    def rate(self, view: CacheView):
+        pos = view.positions
+        return pos, pos.astype(np.float32), max(self.sink, min(self.budget // 2, self.budget - self.window))
+
+    def describe(self) -> dict:
+        return {"kv_head": self.budget // 2, "kv_positions": self.positions}
+
+
+POLICIES = {
+    "full": FullPolicy, "shift": ContextShiftPolicy, "restkv": RestKVPolicy, "snapkv": SnapKVPolicy,
+    "h2o": H2OPolicy, "tova": TOVAPolicy, "streaming": StreamingPolicy, "truncate": TruncatePolicy,
+}
+#: the policies that keep kv_budget cells (and take kv_budget, kv_window, kv_sink)
+BUDGET_POLICIES = tuple(name for name, cls in POLICIES.items() if issubclass(cls, RestKVPolicy))

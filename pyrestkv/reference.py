@@ -73,6 +73,35 @@ def rope_rotate(q: np.ndarray, delta: np.ndarray, freq_base: float, n_rot: int, 
     return q
 
 
+def row_weights(n_row: int, rows: str = "ema", alpha: float = 0.3) -> np.ndarray:
+    """How the scoring rows (oldest first) are averaged: "ema" (the newest weighted alpha),
+    "mean" (uniformly: SnapKV, H2O) or "last" (the newest row alone: TOVA)."""
+    if rows == "mean":
+        return np.full(n_row, 1.0 / n_row)
+    if rows == "last":
+        return np.eye(n_row)[n_row - 1]
+    return np.array([(1.0 if j == 0 else alpha) * (1.0 - alpha) ** (n_row - 1 - j) for j in range(n_row)])
+
+
+def window_attention(q, q_pos, k, k_pos, n_head_kv: int, kq_scale: float, rows: str = "ema",
+                     alpha: float = 0.3) -> np.ndarray:
+    """The rows' averaged attention per query head and cell, [n_head, n], clamped below 1: what
+    SnapKV, H2O and TOVA rank by, and ReST-KV's `a`. Shapes as in restkv_scores."""
+    q = np.asarray(q, dtype=np.float64)
+    k = np.asarray(k, dtype=np.float64)
+    n_row, n_head, _ = q.shape
+    g = n_head // n_head_kv
+    visible = np.asarray(k_pos)[None, :] <= np.asarray(q_pos)[:, None]  # [R, n]
+    w = row_weights(n_row, rows, alpha)
+    out = np.empty((n_head, k.shape[0]))
+    for h in range(n_head):
+        logits = np.where(visible, (q[:, h] @ k[:, h // g].T) * kq_scale, -np.inf)
+        a = np.exp(logits - logits.max(axis=1, keepdims=True))
+        a /= a.sum(axis=1, keepdims=True)
+        out[h] = np.minimum(w @ a, 1.0 - 1e-6)
+    return out
+
+
 def restkv_scores(q, q_pos, k, v, k_pos, gram, n_head_kv: int, kq_scale: float, alpha: float,
                   window_start: int) -> np.ndarray:
     """ReST-KV layer-wise output reconstruction scores of one layer, per query head and cached cell.
@@ -83,22 +112,16 @@ def restkv_scores(q, q_pos, k, v, k_pos, gram, n_head_kv: int, kq_scale: float, 
     (the newest row weighted alpha); o_h sums the cells older than window_start. Returns [n_head, n]:
         a/(1-a) * ||W_O^h (o_h - v_n)||
     """
-    q = np.asarray(q, dtype=np.float64)
-    k = np.asarray(k, dtype=np.float64)
     v = np.asarray(v, dtype=np.float64)
-    n_row, n_head, _ = q.shape
+    n_head = q.shape[1]
     g = n_head // n_head_kv
-    visible = np.asarray(k_pos)[None, :] <= np.asarray(q_pos)[:, None]  # [R, n]
     prefix = (np.asarray(k_pos) < window_start).astype(np.float64)
 
-    ema = np.array([(1.0 if j == 0 else alpha) * (1.0 - alpha) ** (n_row - 1 - j) for j in range(n_row)])
+    attention = window_attention(q, q_pos, k, k_pos, n_head_kv, kq_scale, "ema", alpha)
     out = np.empty((n_head, k.shape[0]))
     for h in range(n_head):
-        kh, vh = k[:, h // g], v[:, h // g]
-        logits = np.where(visible, (q[:, h] @ kh.T) * kq_scale, -np.inf)
-        a = np.exp(logits - logits.max(axis=1, keepdims=True))
-        a /= a.sum(axis=1, keepdims=True)
-        abar = np.minimum(ema @ a, 1.0 - 1e-6)
+        vh = v[:, h // g]
+        abar = attention[h]
         o = (abar * prefix) @ vh
         diff = o[None, :] - vh
         err = np.sqrt(np.maximum(np.einsum("nd,de,ne->n", diff, gram[h], diff), 0.0))
