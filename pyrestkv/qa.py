@@ -1,0 +1,148 @@
+"""Long-document question answering: the prompt, the question-aware read, the answer.
+
+`Llama.ask` (and `pyrestkv ask`) read a document of any length under the Llama's kv_budget, with
+eviction guided by the question, then answer. The choices here were measured on the NIAH grid
+(bench/qa_layout.py; the numbers are in README.md, "Choosing ask()'s defaults"):
+
+  layout            where the question goes: "after" the document (default), "before" it, or "both"
+  question_queries  which queries the scoring pass is given as pinned rows while the document is
+                    read: "question" (the question alone, decoded once after the cache and
+                    re-rotated to the end of the cache at every pass; default), "tail" (the prompt's
+                    last kv_window tokens: the end of the question with the chat template's
+                    assistant header), or "none" (question-blind)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Callable, Optional, Union
+
+QA_INSTRUCTION = "Read the document below, then answer the question."
+LAYOUTS = ("after", "before", "both")
+QUESTION_QUERIES = ("question", "tail", "none")
+#: the smallest budget ask() accepts: the recent window (32) and the sink tokens (4) are always kept
+MIN_BUDGET = 64
+
+
+@dataclass
+class AskResult:
+    answer: str
+    kv_stats: dict = field(repr=False)
+    tokens_read: int = 0  # tokens decoded by this call: the prompt (less a reused prefix) and the answer
+    answer_tokens: int = 0
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        return self.answer
+
+
+def read_document(document: Union[str, os.PathLike]) -> str:
+    """The document's text: `document` itself, or the file it names (a path object, or a string
+    that names an existing file and has no line break)."""
+    if isinstance(document, os.PathLike) or (
+        isinstance(document, str) and "\n" not in document and len(document) < 4096 and os.path.isfile(document)
+    ):
+        path = os.fspath(document)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"document not found: {path}")
+        if not os.path.isfile(path):
+            raise ValueError(f"the document must be a text file, not a directory: {path}")
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    if not isinstance(document, str):
+        raise TypeError(f"document must be text or a path, got {type(document).__name__}")
+    return document
+
+
+def qa_messages(document: str, question: str, layout: str = "after") -> list:
+    """Chat messages for document QA in the given layout."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    doc = f"Document:\n{document.strip()}"
+    q = f"Question: {question.strip()}"
+    parts = {
+        "after": [QA_INSTRUCTION, doc, q],
+        "before": [QA_INSTRUCTION, q, doc, "Answer the question above."],
+        "both": [QA_INSTRUCTION, q, doc, q],
+    }[layout]
+    return [{"role": "user", "content": "\n\n".join(parts)}]
+
+
+def resolve_budget(budget: Union[int, float, str], n_doc_tokens: int) -> int:
+    """kv_budget in cells from a token count (int >= 1) or a fraction of the document (a float in
+    (0, 1), or a string such as "1/8" or "0.125"), never below MIN_BUDGET."""
+    if isinstance(budget, bool):
+        raise TypeError(f"budget must be a token count or a fraction, got {budget!r}")
+    if isinstance(budget, str):
+        text = budget.strip()
+        try:
+            value = Fraction(text) if "/" in text or "." in text else int(text)
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"budget must be a token count (1024) or a fraction of the document (1/8, 0.125), got {budget!r}") from None
+        budget = value
+    if isinstance(budget, int):
+        if budget < 1:
+            raise ValueError(f"budget must be positive, got {budget}")
+        return max(MIN_BUDGET, budget)
+    frac = float(budget)
+    if not 0.0 < frac < 1.0:
+        raise ValueError(f"a budget given as a fraction of the document must lie in (0, 1), got {budget}")
+    return max(MIN_BUDGET, int(round(frac * n_doc_tokens)))
+
+
+def ask(llm, document, question: str, *, max_tokens: int = 128, layout: str = "after",
+        question_queries: str = "question", stream: Optional[Callable[[str], None]] = None,
+        temperature: float = 0.0) -> AskResult:
+    """See Llama.ask."""
+    text = read_document(document)
+    if not text.strip():
+        raise ValueError("the document is empty")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("the question is empty")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if question_queries not in QUESTION_QUERIES:
+        raise ValueError(f"question_queries must be one of {QUESTION_QUERIES}, got {question_queries!r}")
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    if stream is not None and not callable(stream):
+        raise TypeError("stream must be a callable that takes each piece of the answer, or None")
+
+    policy = llm.kv_policy
+    saved_query = getattr(policy, "query", None)
+    if policy.scored:
+        policy.query = {"question": question.strip(), "tail": "tail", "none": "none"}[question_queries]
+    t0 = time.perf_counter()
+    seen0 = llm.kv_stats()["tokens_seen"]
+    pieces = []
+    try:
+        messages = qa_messages(text, question, layout)
+        if llm.metadata.get("tokenizer.chat_template"):
+            chunks = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=temperature,
+                                                stream=True)
+            for chunk in chunks:
+                piece = chunk["choices"][0]["delta"].get("content")
+                if piece:
+                    pieces.append(piece)
+                    if stream is not None:
+                        stream(piece)
+        else:  # a base model: plain text, the answer after "Answer:"
+            prompt = messages[0]["content"] + "\n\nAnswer:"
+            for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, stream=True):
+                piece = chunk["choices"][0]["text"]
+                if piece:
+                    pieces.append(piece)
+                    if stream is not None:
+                        stream(piece)
+    finally:
+        if policy.scored:
+            policy.query = saved_query
+    seconds = time.perf_counter() - t0
+    stats = llm.kv_stats()
+    answer = "".join(pieces).strip()
+    n_answer = len(llm.tokenize(answer.encode(), add_bos=False, special=False)) if answer else 0
+    return AskResult(answer=answer, kv_stats=stats, tokens_read=stats["tokens_seen"] - seen0,
+                     answer_tokens=n_answer, seconds=round(seconds, 3))
