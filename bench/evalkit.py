@@ -1,0 +1,212 @@
+"""Shared parts of the accuracy suites (bench/niah.py, bench/ruler_lite.py, bench/fidelity.py).
+
+An *arm* is a policy under a budget: "full" (n_ctx = the whole prompt), "shift" (llama.cpp's context
+shift with n_ctx = budget + n_batch, the same memory as the others), or a budget policy ("restkv",
+"snapkv", "h2o", "tova", "streaming", "truncate"), question-aware by default, "<policy>:blind" for
+question-blind. Every arm answers through `Llama.ask`, so restkv is measured as users run it.
+
+Budgets are token counts or fractions of the document ("1/8"). Results are JSON (one row per sample
+and arm), a Markdown table (accuracy per arm and budget) and a PNG (accuracy against budget, one line
+per policy), all under bench/results/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import pyrestkv  # noqa: F401  (first: it points llama_cpp at pyrestkv's patched libllama)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SCORED = ("restkv", "snapkv", "h2o", "tova")
+
+
+def model_path(name: str) -> str:
+    import pyrestkv
+    from pyrestkv.models import gemma3_model_path
+
+    if name == "smollm2":
+        return pyrestkv.default_model_path()
+    if name == "gemma3":
+        return gemma3_model_path()
+    if not os.path.isfile(name):
+        raise SystemExit(f"model not found: {name} (smollm2, gemma3 or a GGUF path)")
+    return name
+
+
+def parse_arms(text: str) -> list:
+    from pyrestkv.policies import BUDGET_POLICIES
+
+    arms = []
+    for a in text.split(","):
+        a = a.strip()
+        policy, _, mode = a.partition(":")
+        if policy not in BUDGET_POLICIES + ("full", "shift"):
+            raise SystemExit(f"unknown policy {policy!r} in --arms")
+        if mode not in ("", "blind"):
+            raise SystemExit(f"arm {a!r}: the only suffix is ':blind'")
+        if mode == "blind" and policy not in SCORED:
+            raise SystemExit(f"arm {a!r}: {policy} does not score, so it has no question-blind variant")
+        arms.append(a)
+    return arms
+
+
+def parse_budgets(text: str) -> list:
+    out = []
+    for b in text.split(","):
+        b = b.strip()
+        out.append(str(Fraction(b)) if "/" in b else int(b))
+    return out
+
+
+def budget_cells(budget, n_doc: int) -> int:
+    from pyrestkv.qa import resolve_budget
+
+    return resolve_budget(budget, n_doc)
+
+
+def open_arm(path: str, arm: str, budget, n_doc: int, args):
+    """A Llama for one arm; n_doc is the prompt's length in tokens."""
+    import pyrestkv
+
+    policy, _, _ = arm.partition(":")
+    common = dict(n_batch=args.n_batch, n_threads=args.threads, n_threads_batch=args.threads, verbose=False, seed=0)
+    if policy == "full":
+        return pyrestkv.Llama(path, kv_policy="full", n_ctx=n_doc + args.max_tokens + 64, **common)
+    cells = budget_cells(budget, n_doc)
+    if policy == "shift":
+        return pyrestkv.Llama(path, kv_policy="shift", n_ctx=cells + args.n_batch, n_keep=args.n_keep, **common)
+    return pyrestkv.Llama(path, kv_policy=policy, kv_budget=cells, **common)
+
+
+def ask(llm, arm: str, document: str, question: str, args) -> str:
+    queries = "none" if arm.endswith(":blind") else args.queries
+    return llm.ask(document, question, max_tokens=args.max_tokens, layout=args.layout,
+                   question_queries=queries).answer
+
+
+def common_args(ap, max_tokens: int = 32) -> None:
+    ap.add_argument("--model", default="gemma3", help="smollm2, gemma3 or a GGUF path (default: gemma3)")
+    ap.add_argument("--arms", default="full,shift,restkv,snapkv",
+                    help="policies, comma-separated; '<policy>:blind' for question-blind scoring")
+    ap.add_argument("--budgets", default="1/8", help="token counts or fractions of the document (default: 1/8)")
+    ap.add_argument("--layout", default="after", choices=["after", "before", "both"])
+    ap.add_argument("--queries", default="tail", choices=["question", "tail", "none"],
+                    help="question-aware arms: which queries guide eviction (default: tail)")
+    ap.add_argument("--n-batch", type=int, default=512)
+    ap.add_argument("--n-keep", type=int, default=64, help="shift: tokens kept at the start (chat header, instruction)")
+    ap.add_argument("--max-tokens", type=int, default=max_tokens)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tag", default=None, help="results file suffix (default: the model name)")
+
+
+def run_grid(samples: list, args, suite: str, score_fn) -> dict:
+    """samples: dicts with document, question, answers, n_tokens and any labels. Runs every arm and
+    budget on every sample (one Llama per arm, budget and document length), scores with
+    score_fn(answer, sample) in [0, 1], and writes the results."""
+    from tqdm import tqdm
+
+    path = model_path(args.model)
+    arms = parse_arms(args.arms)
+    budgets = parse_budgets(args.budgets)
+    runs = [(arm, None) if arm == "full" else (arm, b) for arm in arms for b in budgets]
+    runs = list(dict.fromkeys(runs))
+    rows = []
+    bar = tqdm(total=len(runs) * len(samples), desc=suite, unit="answer")
+    for arm, budget in runs:
+        by_len = {}
+        for s in samples:
+            by_len.setdefault(s["n_tokens"], []).append(s)
+        for n_doc, group in sorted(by_len.items()):
+            llm = open_arm(path, arm, budget, n_doc, args)
+            for s in group:
+                t0 = time.perf_counter()
+                answer = ask(llm, arm, s["document"], s["question"], args)
+                stats = llm.kv_stats()
+                rows.append({
+                    **{k: v for k, v in s.items() if k not in ("document", "question", "answers")},
+                    "arm": arm, "budget": budget, "cells": stats.get("budget") if arm != "full" else None,
+                    "score": score_fn(answer, s), "answer": answer[:200], "expected": s["answers"],
+                    "seconds": round(time.perf_counter() - t0, 2), "scoring_ms": stats.get("scoring_ms"),
+                })
+                bar.update(1)
+                bar.set_postfix_str(f"{arm} {budget or ''}")
+            llm.close()
+    bar.close()
+    config = {k: v for k, v in vars(args).items()}
+    return {"suite": suite, "model": args.model, "config": config, "rows": rows}
+
+
+def summarize(result: dict, by=("arm", "budget")) -> list:
+    """Mean score (percent) per arm and budget (and per `by` fields)."""
+    groups = {}
+    for r in result["rows"]:
+        key = tuple(r.get(k) for k in by)
+        groups.setdefault(key, []).append(r["score"])
+    return [dict(zip(by, k), accuracy=round(100.0 * sum(v) / len(v), 1), n=len(v)) for k, v in groups.items()]
+
+
+def markdown(result: dict, by=("arm", "budget")) -> str:
+    rows = summarize(result, by)
+    head = "| " + " | ".join(by) + " | accuracy % | samples |"
+    lines = [head, "|" + "---|" * (len(by) + 2)]
+    for r in rows:
+        lines.append("| " + " | ".join("full cache" if (k == "budget" and r[k] is None) else str(r[k]) for k in by)
+                     + f" | {r['accuracy']} | {r['n']} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, dest: Path) -> Path | None:
+    """Accuracy against budget, one line per arm; the full cache as a horizontal line."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return None
+    rows = summarize(result)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    budgets = sorted({r["budget"] for r in rows if r["budget"] is not None}, key=lambda b: float(Fraction(str(b))))
+    xs = list(range(len(budgets)))
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        if arm == "full":
+            full = [r for r in rows if r["arm"] == "full"]
+            if full:
+                ax.axhline(full[0]["accuracy"], color="black", linestyle="--", label="full cache")
+            continue
+        ys = [next((r["accuracy"] for r in rows if r["arm"] == arm and r["budget"] == b), None) for b in budgets]
+        ax.plot(xs, ys, marker="o", label=arm)
+    ax.set_xticks(xs)
+    ax.set_xticklabels([str(b) for b in budgets])
+    ax.set_xlabel("kv_budget (tokens, or fraction of the document)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-5, 105)
+    ax.set_title(f"{result['suite']}, {result['model']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(dest, dpi=110)
+    plt.close(fig)
+    return dest
+
+
+def save(result: dict, args, by=("arm", "budget")) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    stem = f"{result['suite']}-{args.tag or args.model}"
+    result["command"] = "python " + " ".join(sys.argv)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    table = markdown(result, by)
+    (RESULTS / f"{stem}.md").write_text(f"`{result['command']}`\n\n{table}\n")
+    png = plot(result, RESULTS / f"{stem}.png")
+    print(table)
+    print(f"results: {RESULTS / (stem + '.json')}" + (f", plot: {png}" if png else ""))
+
+
+def normalize(text: str) -> str:
+    return re.sub(r"[^0-9a-z]+", " ", text.lower()).strip()
