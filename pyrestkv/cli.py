@@ -30,14 +30,16 @@ def _budget_arg(text: str) -> str:
 
 
 def _read_document(path: str) -> str:
+    from pathlib import Path
+
+    from .qa import read_document
+
     if path == "-":
         return sys.stdin.read()
-    if not os.path.exists(path):
-        raise SystemExit(f"pyrestkv: error: document not found: {path}")
-    if not os.path.isfile(path):
-        raise SystemExit(f"pyrestkv: error: the document must be a text file: {path}")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read()
+    try:
+        return read_document(Path(path))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"pyrestkv: error: {e}")
 
 
 def _count_tokens(model_path: str, text: str) -> int:
@@ -126,8 +128,8 @@ def main(argv=None) -> int:
                           "fraction of the document (1/8, 0.125); the cache holds kv_budget + n_batch (default: 1024)")
     ask.add_argument("--layout", default="after", choices=["after", "before", "both"],
                      help="where the question goes relative to the document (default: after)")
-    ask.add_argument("--question-queries", default="question", choices=["question", "tail", "none"],
-                     help="queries that guide eviction while the document is read (default: question)")
+    ask.add_argument("--question-queries", default="tail", choices=["question", "tail", "none"],
+                     help="queries that guide eviction while the document is read (default: tail)")
     ask.add_argument("--n-ctx", type=_positive_int, default=2048, help="shift, full: KV cells (default: 2048)")
     ask.add_argument("--n-keep", type=int, default=64,
                      help="shift: leading prompt tokens never discarded, i.e. the chat header and instruction (default: 64)")

@@ -462,7 +462,7 @@ class Llama(llama_cpp.Llama):
     # ------------------------------------------------------------------ the main job
 
     def ask(self, document, question: str, *, max_tokens: int = 128, layout: str = "after",
-            question_queries: str = "question", stream=None, temperature: float = 0.0):
+            question_queries: str = "tail", stream=None, temperature: float = 0.0):
         """Read a document of any length under this Llama's kv_budget, with eviction guided by the
         question, then answer it.
 
@@ -473,8 +473,9 @@ class Llama(llama_cpp.Llama):
             max_tokens: longest answer.
             layout: "after" (the question follows the document; default), "before" or "both".
             question_queries: which queries score the cache while the document is read (policies
-                that score): "question" (the question alone, re-rotated to the cache's end; default),
-                "tail" (the prompt's last kv_window tokens) or "none" (question-blind).
+                that score): "tail" (the prompt's last kv_window tokens: the end of the question and
+                the chat template's assistant header; default), "question" (the question alone) or
+                "none" (question-blind). The probe is re-rotated to the cache's end at every pass.
             stream: a callable given each piece of the answer as it is generated (e.g. print).
             temperature: 0 for greedy answers.
         The prompt uses the model's chat template when it has one. Returns a pyrestkv.qa.AskResult:

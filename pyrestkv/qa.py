@@ -6,10 +6,10 @@ eviction guided by the question, then answer. The choices here were measured on 
 
   layout            where the question goes: "after" the document (default), "before" it, or "both"
   question_queries  which queries the scoring pass is given as pinned rows while the document is
-                    read: "question" (the question alone, decoded once after the cache and
-                    re-rotated to the end of the cache at every pass; default), "tail" (the prompt's
-                    last kv_window tokens: the end of the question with the chat template's
-                    assistant header), or "none" (question-blind)
+                    read: "tail" (the prompt's last kv_window tokens: the end of the question with
+                    the chat template's assistant header; default), "question" (the question alone),
+                    or "none" (question-blind). Either probe is decoded once right after the cache,
+                    then re-rotated to the cache's end at every pass.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def resolve_budget(budget: Union[int, float, str], n_doc_tokens: int) -> int:
 
 
 def ask(llm, document, question: str, *, max_tokens: int = 128, layout: str = "after",
-        question_queries: str = "question", stream: Optional[Callable[[str], None]] = None,
+        question_queries: str = "tail", stream: Optional[Callable[[str], None]] = None,
         temperature: float = 0.0) -> AskResult:
     """See Llama.ask."""
     text = read_document(document)
@@ -131,7 +131,9 @@ def ask(llm, document, question: str, *, max_tokens: int = 128, layout: str = "a
                         stream(piece)
         else:  # a base model: plain text, the answer after "Answer:"
             prompt = messages[0]["content"] + "\n\nAnswer:"
-            for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, stream=True):
+            # a base model goes on to invent the next question: stop at the first blank line
+            for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, stream=True,
+                                               stop=["\n\n", "\nQuestion:"]):
                 piece = chunk["choices"][0]["text"]
                 if piece:
                     pieces.append(piece)

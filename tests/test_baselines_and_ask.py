@@ -105,7 +105,8 @@ def test_baseline_policies_reject_bad_parameters(model_path):
 
 
 def test_ask_answers_and_returns_stats(model_path, tmp_path):
-    llm = open_llama(model_path, kv_policy="restkv", kv_budget=256, n_batch=256)
+    # question-blind as built; ask() makes it question-aware for its call only
+    llm = open_llama(model_path, kv_policy="restkv", kv_budget=256, n_batch=256, kv_query="none")
     doc = make_document(llm, 1500, [(0.4, MARIGOLD)], seed=5)
     pieces = []
     result = llm.ask(doc, "What was the rescue ship called?", max_tokens=16, stream=pieces.append)
@@ -114,7 +115,7 @@ def test_ask_answers_and_returns_stats(model_path, tmp_path):
     stats = result.kv_stats
     assert stats["policy"] == "restkv" and stats["evictions"] > 0 and stats["probe_tokens"] > 0
     assert result.tokens_read > 1500 and result.answer_tokens > 0 and result.seconds > 0
-    assert llm.kv_policy.query == "tail"  # ask() puts back the query it borrowed
+    assert llm.kv_policy.query == "none"  # ask() puts back the query it borrowed
     # the same document from a file, question-blind this time
     path = tmp_path / "doc.txt"
     path.write_text(doc)
