@@ -109,7 +109,8 @@ def test_ask_answers_and_returns_stats(model_path, tmp_path):
     llm = open_llama(model_path, kv_policy="restkv", kv_budget=256, n_batch=256, kv_query="none")
     doc = make_document(llm, 1500, [(0.4, MARIGOLD)], seed=5)
     pieces = []
-    result = llm.ask(doc, "What was the rescue ship called?", max_tokens=16, stream=pieces.append)
+    result = llm.ask(doc, "What was the rescue ship called?", max_tokens=16, stream=pieces.append,
+                     question_queries="question")
     assert "Marigold" in result.answer
     assert "".join(pieces).strip() == result.answer
     stats = result.kv_stats
