@@ -192,9 +192,9 @@ class RestKVPolicy(KVPolicy):
     def evict_to_budget(self, view: CacheView) -> Eviction | None:
         if len(view.positions) <= self.budget:
             return None
-        pos, cell, n_head = self.rate(view)
+        pos, cell, n_lead = self.rate(view)
         protect = np.zeros(len(pos), dtype=np.uint8)
-        protect[:n_head] = 1
+        protect[:n_lead] = 1
         protect[max(0, len(pos) - self.window):] = 1
         evict = _binding.select_evict(cell, self.budget, protect)
         self.evicted(pos, evict)
@@ -281,7 +281,7 @@ class H2OPolicy(AttentionPolicy):
         if self._kept_acc is not None and k <= len(positions) and np.array_equal(positions[:k], self._kept_pos):
             scores = scores.copy()
             scores[:, :, :k] += self._kept_acc
-        self._acc_pos, self._acc = positions, scores
+        self._acc = scores
         return scores
 
     def evicted(self, positions: np.ndarray, evict: np.ndarray) -> None:

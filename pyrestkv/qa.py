@@ -131,14 +131,26 @@ def ask(llm, document, question: str, *, max_tokens: int = 128, layout: str = "a
                         stream(piece)
         else:  # a base model: plain text, the answer after "Answer:"
             prompt = messages[0]["content"] + "\n\nAnswer:"
-            # a base model goes on to invent the next question: stop at the first blank line
-            for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, stream=True,
-                                               stop=["\n\n", "\nQuestion:"]):
+            chunks = llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, stream=True)
+            for chunk in chunks:
                 piece = chunk["choices"][0]["text"]
-                if piece:
-                    pieces.append(piece)
-                    if stream is not None:
-                        stream(piece)
+                if not piece:
+                    continue
+                # a base model goes on to invent the next question: the answer ends at the first blank
+                # line after it began (not at the line breaks it may start with)
+                text = ("".join(pieces) + piece).lstrip()
+                cut = min((i for i in (text.find("\n\n"), text.find("\nQuestion:")) if i >= 0), default=-1)
+                if cut >= 0:
+                    rest = text[:cut][len("".join(pieces).lstrip()):]
+                    if rest:
+                        pieces.append(rest)
+                        if stream is not None:
+                            stream(rest)
+                    chunks.close()
+                    break
+                pieces.append(piece)
+                if stream is not None:
+                    stream(piece)
     finally:
         if policy.scored:
             policy.query = saved_query
