@@ -116,12 +116,12 @@ def run_grid(samples: list, args, suite: str, score_fn) -> dict:
     budgets = parse_budgets(args.budgets)
     runs = [(arm, None) if arm == "full" else (arm, b) for arm in arms for b in budgets]
     runs = list(dict.fromkeys(runs))
+    by_len = {}
+    for s in samples:
+        by_len.setdefault(s["n_tokens"], []).append(s)
     rows = []
     bar = tqdm(total=len(runs) * len(samples), desc=suite, unit="answer")
     for arm, budget in runs:
-        by_len = {}
-        for s in samples:
-            by_len.setdefault(s["n_tokens"], []).append(s)
         for n_doc, group in sorted(by_len.items()):
             llm = open_arm(path, arm, budget, n_doc, args)
             for s in group:
@@ -138,8 +138,7 @@ def run_grid(samples: list, args, suite: str, score_fn) -> dict:
                 bar.set_postfix_str(f"{arm} {budget or ''}")
             llm.close()
     bar.close()
-    config = {k: v for k, v in vars(args).items()}
-    return {"suite": suite, "model": args.model, "config": config, "rows": rows}
+    return {"suite": suite, "model": args.model, "config": dict(vars(args)), "rows": rows}
 
 
 def summarize(result: dict, by=("arm", "budget")) -> list:

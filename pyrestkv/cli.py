@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -56,7 +55,7 @@ def _count_tokens(model_path: str, text: str) -> int:
 def cmd_ask(args) -> int:
     from . import KVCacheFullError, Llama, default_model_path
     from .policies import BUDGET_POLICIES
-    from .qa import resolve_budget
+    from .qa import is_fraction, resolve_budget
 
     document = _read_document(args.doc)
     if not document.strip():
@@ -70,7 +69,7 @@ def cmd_ask(args) -> int:
 
     if args.kv_policy in BUDGET_POLICIES:
         try:
-            n_doc = _count_tokens(model_path, document) if any(c in args.kv_budget for c in "./") else 0
+            n_doc = _count_tokens(model_path, document) if is_fraction(args.kv_budget) else 0
             budget = resolve_budget(args.kv_budget, n_doc)
         except (ValueError, TypeError) as e:
             raise SystemExit(f"pyrestkv: error: --kv-budget: {e}")

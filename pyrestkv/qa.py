@@ -1,8 +1,8 @@
 """Long-document question answering: the prompt, the question-aware read, the answer.
 
 `Llama.ask` (and `pyrestkv ask`) read a document of any length under the Llama's kv_budget, with
-eviction guided by the question, then answer. The choices here were measured on the NIAH grid
-(bench/qa_layout.py; the numbers are in README.md, "Choosing ask()'s defaults"):
+eviction guided by the question, then answer. The defaults were measured on the NIAH grid
+(`bench/niah.py --layout ... --queries ...`; the numbers are in README.md, "Choosing ask()'s defaults"):
 
   layout            where the question goes: "after" the document (default), "before" it, or "both"
   question_queries  which queries the scoring pass is given as pinned rows while the document is
@@ -71,6 +71,11 @@ def qa_messages(document: str, question: str, layout: str = "after") -> list:
     return [{"role": "user", "content": "\n\n".join(parts)}]
 
 
+def is_fraction(budget: str) -> bool:
+    """Whether a budget given as text is a fraction of the document ("1/8", "0.125"), not a token count."""
+    return "/" in budget or "." in budget
+
+
 def resolve_budget(budget: Union[int, float, str], n_doc_tokens: int) -> int:
     """kv_budget in cells from a token count (int >= 1) or a fraction of the document (a float in
     (0, 1), or a string such as "1/8" or "0.125"), never below MIN_BUDGET."""
@@ -79,7 +84,7 @@ def resolve_budget(budget: Union[int, float, str], n_doc_tokens: int) -> int:
     if isinstance(budget, str):
         text = budget.strip()
         try:
-            value = Fraction(text) if "/" in text or "." in text else int(text)
+            value = Fraction(text) if is_fraction(text) else int(text)
         except (ValueError, ZeroDivisionError):
             raise ValueError(f"budget must be a token count (1024) or a fraction of the document (1/8, 0.125), got {budget!r}") from None
         budget = value
@@ -118,6 +123,12 @@ def ask(llm, document, question: str, *, max_tokens: int = 128, layout: str = "a
     t0 = time.perf_counter()
     seen0 = llm.kv_stats()["tokens_seen"]
     pieces = []
+
+    def emit(piece: str) -> None:
+        pieces.append(piece)
+        if stream is not None:
+            stream(piece)
+
     try:
         messages = qa_messages(text, question, layout)
         if llm.metadata.get("tokenizer.chat_template"):
@@ -126,9 +137,7 @@ def ask(llm, document, question: str, *, max_tokens: int = 128, layout: str = "a
             for chunk in chunks:
                 piece = chunk["choices"][0]["delta"].get("content")
                 if piece:
-                    pieces.append(piece)
-                    if stream is not None:
-                        stream(piece)
+                    emit(piece)
         else:  # a base model: plain text, the answer after "Answer:"
             prompt = messages[0]["content"] + "\n\nAnswer:"
             chunks = llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, stream=True)
@@ -138,19 +147,15 @@ def ask(llm, document, question: str, *, max_tokens: int = 128, layout: str = "a
                     continue
                 # a base model goes on to invent the next question: the answer ends at the first blank
                 # line after it began (not at the line breaks it may start with)
-                text = ("".join(pieces) + piece).lstrip()
-                cut = min((i for i in (text.find("\n\n"), text.find("\nQuestion:")) if i >= 0), default=-1)
+                so_far = "".join(pieces).lstrip()
+                answer = (so_far + piece) if so_far else piece.lstrip()
+                cut = min((i for i in (answer.find("\n\n"), answer.find("\nQuestion:")) if i >= 0), default=-1)
                 if cut >= 0:
-                    rest = text[:cut][len("".join(pieces).lstrip()):]
-                    if rest:
-                        pieces.append(rest)
-                        if stream is not None:
-                            stream(rest)
+                    if answer[len(so_far):cut]:
+                        emit(answer[len(so_far):cut])
                     chunks.close()
                     break
-                pieces.append(piece)
-                if stream is not None:
-                    stream(piece)
+                emit(piece)
     finally:
         if policy.scored:
             policy.query = saved_query
