@@ -12,7 +12,7 @@ DOC      ?= examples/station_log.txt
 
 SOURCES = pyproject.toml CMakeLists.txt cmake/llama_cpp_source.py \
           $(wildcard patches/*.patch native/*.h native/*.cpp native/CMakeLists.txt pyrestkv/*.py) \
-          $(shell find native/ggml -type f)
+          $(shell find native/ggml native/llama -type f)
 
 .PHONY: install ask test bench bench-speed bench-accuracy clean
 

@@ -2,7 +2,8 @@
 
 Called by CMakeLists.txt at configure time:
 
-    python cmake/llama_cpp_source.py --dest BUILD/llama.cpp --patches patches [--source DIR]
+    python cmake/llama_cpp_source.py --dest BUILD/llama.cpp --patches patches \
+        --overlay native/llama=. --overlay native/ggml=ggml/src [--source DIR]
 
 Where the source comes from:
   * --source DIR (or the environment variable PYRESTKV_LLAMA_CPP_DIR): a llama.cpp checkout at
@@ -10,9 +11,12 @@ Where the source comes from:
   * otherwise the llama-cpp-python 0.3.36 sdist, fetched once with pip into a cache
     (PYRESTKV_CACHE_DIR, default ~/.cache/pyrestkv) and checked against its pinned sha256.
 
-After the patches, the files of native/ggml/ (our fused scoring op: the shared arithmetic, the CPU
-code, the CUDA and Metal kernels) are laid over the tree at the same paths under ggml/src/, so that
-ggml's own build compiles them into its CPU, CUDA and Metal backends.
+After the patches, our own files are laid over the tree (--overlay DIR=PATH, once per folder): the
+files of native/llama/ at the same paths under the tree's root (our eviction API, query window and
+scoring pass under src/, their headers under include/), and those of native/ggml/ under ggml/src/
+(the fused scoring op: the shared arithmetic, the CPU code, the CUDA and Metal kernels), so that
+llama.cpp's and ggml's own builds compile them. An overlay file never replaces an upstream one; the
+patches only hook our files into upstream ones.
 
 The patched copy is rebuilt only when the source, a patch or an overlay file changes (a stamp file
 records them), so incremental builds stay incremental.
@@ -126,11 +130,15 @@ def apply_patches(tree: Path, patches: list[Path]) -> None:
         print(f"pyrestkv: applied {patch.name}", file=sys.stderr)
 
 
-def overlay_files(overlay: Path) -> list[tuple[Path, Path]]:
-    """(file in native/ggml, its path in the llama.cpp tree), in a stable order."""
+def overlay_files(spec: str) -> list[tuple[Path, Path]]:
+    """(our file, its path in the llama.cpp tree) for an overlay DIR=PATH, in a stable order."""
+    folder, sep, dest = spec.partition("=")
+    if not sep:
+        fail(f"--overlay takes DIR=PATH (a folder of ours and where it goes in the tree), got {spec!r}")
+    overlay = Path(folder)
     if not overlay.is_dir():
-        return []
-    return [(f, Path("ggml/src") / f.relative_to(overlay)) for f in sorted(overlay.rglob("*")) if f.is_file()]
+        fail(f"overlay folder {overlay} does not exist")
+    return [(f, Path(dest) / f.relative_to(overlay)) for f in sorted(overlay.rglob("*")) if f.is_file()]
 
 
 def apply_overlay(tree: Path, files: list[tuple[Path, Path]]) -> None:
@@ -168,7 +176,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dest", required=True, type=Path)
     ap.add_argument("--patches", required=True, type=Path)
-    ap.add_argument("--overlay", type=Path, default=None, help="native/ggml: files laid over ggml/src")
+    ap.add_argument("--overlay", action="append", default=[],
+                    help="DIR=PATH: the files of our folder DIR laid over the tree at PATH (repeatable)")
     ap.add_argument("--source", default=os.environ.get("PYRESTKV_LLAMA_CPP_DIR") or "")
     args = ap.parse_args()
 
@@ -184,7 +193,7 @@ def main() -> None:
         stamp_hash.update(f"sdist:{SDIST_SHA256}".encode())
     for p in patches:
         stamp_hash.update(p.name.encode() + p.read_bytes())
-    overlay = overlay_files(args.overlay) if args.overlay else []
+    overlay = [f for spec in args.overlay for f in overlay_files(spec)]
     for src, rel in overlay:
         stamp_hash.update(str(rel).encode() + src.read_bytes())
     stamp = stamp_hash.hexdigest()

@@ -6,6 +6,7 @@
 //     -> restkv_select_evict keep the top cells, never evict protected ones
 //
 // Plain C API with sized integer types; every function returns RESTKV_OK or a negative error.
+// pyrestkv's binding (cffi) reads this header: keep it to enums and flat declarations.
 #pragma once
 
 #include <stdint.h>
@@ -14,8 +15,10 @@
 extern "C" {
 #endif
 
-#define RESTKV_OK           0
-#define RESTKV_ERR_BAD_ARG -1 // a NULL pointer, a negative size, or a parameter out of range
+enum restkv_status {
+    RESTKV_OK          =  0,
+    RESTKV_ERR_BAD_ARG = -1, // a NULL pointer, a negative size, or a parameter out of range
+};
 
 // Kernel width and offset of adaptive-window spatial smoothing (AWS) for one head, exactly as the
 // official code computes them (its quirks included: t == 0 gives shift +1, and t == -m*beta gives
@@ -44,8 +47,10 @@ int32_t restkv_max_rank(const float * scores, int32_t n_layer, int32_t n, float 
 // layers of the per-layer rank) or RESTKV_AGG_MEAN (the mean over layers of the scores normalized to
 // sum 1 per layer). out [n]; kernels/shifts may be NULL, else they receive each head's AWS parameters
 // [n_layer][n_head].
-#define RESTKV_AGG_MAX_RANK 0
-#define RESTKV_AGG_MEAN     1
+enum restkv_aggregate {
+    RESTKV_AGG_MAX_RANK = 0,
+    RESTKV_AGG_MEAN     = 1,
+};
 int32_t restkv_cell_scores(const float * scores, const float * tpos, int32_t n_layer, int32_t n_head,
                            int32_t n_head_kv, int32_t n, int32_t kernel_min, double beta, int32_t aggregate,
                            float * out, int32_t * kernels, int32_t * shifts);

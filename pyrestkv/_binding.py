@@ -1,77 +1,60 @@
-"""Thin cffi binding to our C API: the KV eviction functions our patch adds to libllama, and the
-policy steps in libpyrestkv_native. Errors come back as negative codes and are raised here."""
+"""Thin cffi binding to our C API: the KV eviction and scoring functions that native/llama adds to
+libllama (include/llama-restkv.h), and the policy steps of libpyrestkv_native (restkv_policy.h).
+The declarations and constants are read from those headers, installed beside the libraries; errors
+come back as negative codes, explained by the library, and are raised here."""
 
 from __future__ import annotations
 
 import ctypes
+import re
 
 import cffi
 import numpy as np
 
 from ._loader import LIB_DIR, shared_library_name
 
+# the llama.h types our headers use (llama_memory_t and struct llama_context are opaque here)
+_LLAMA_TYPES = """
+typedef int32_t llama_pos;
+typedef int32_t llama_token;
+typedef int32_t llama_seq_id;
+typedef struct llama_memory_i * llama_memory_t;
+struct llama_context;
+"""
+
+
+def _header_declarations(name: str) -> str:
+    """A header of ours as cffi reads it: comments, preprocessor lines, the extern "C" guard and
+    LLAMA_API dropped (the headers keep to enums and flat declarations for this)."""
+    text = (LIB_DIR / name).read_text()
+    text = re.sub(r"//[^\n]*", "", text)
+    text = re.sub(r"#ifdef __cplusplus.*?#endif", "", text, flags=re.S)
+    text = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    return text.replace("LLAMA_API", "")
+
+
 ffi = cffi.FFI()
-ffi.cdef(
-    """
-    // libllama, patches/0001 (llama_memory_t is an opaque pointer)
-    int32_t llama_kv_seq_n_cells  (void * mem, int32_t seq_id);
-    int32_t llama_kv_seq_cells    (void * mem, int32_t seq_id, int32_t * out_pos, int32_t * out_tok, int32_t n_max);
-    int32_t llama_kv_seq_evict    (void * mem, int32_t seq_id, const int32_t * pos, int32_t n_pos);
-    int32_t llama_kv_seq_compact  (void * mem, int32_t seq_id);
-    int64_t llama_kv_size_bytes   (void * mem);
-
-    // libllama, patches/0002 (struct llama_context * as an opaque pointer)
-    int32_t llama_kv_set_query_window  (void * ctx, int32_t n_window);
-    int32_t llama_kv_pin_query_window  (void * ctx, bool pin);
-    int32_t llama_kv_reset_query_window(void * ctx);
-    int32_t llama_kv_score_n_layer     (void * ctx);
-    int32_t llama_kv_score_n_head      (void * ctx);
-    int32_t llama_kv_seq_score         (void * ctx, int32_t seq_id, float alpha, int32_t n_select,
-                                        int32_t * out_pos, float * out_score, float * out_tpos, int32_t n_max);
-    int64_t llama_kv_debug_tensor      (void * ctx, int32_t il_kv, int32_t what, float * out, int64_t n_max,
-                                        int32_t * out_pos, int32_t n_pos_max);
-
-    // libllama, patches/0004: the fused scoring op (GGML_OP_RESTKV_SCORE, patches/0003 + native/ggml)
-    int32_t llama_kv_set_score_kernel  (void * ctx, int32_t kernel);
-    int32_t llama_kv_score_n_fused     (void * ctx);
-    int32_t llama_kv_set_score_output  (void * ctx, int32_t output, int32_t rows);
-
-    // libpyrestkv_native, native/restkv_policy.h
-    int32_t restkv_aws_params  (double t, int32_t kernel_min, double beta, int32_t * kernel, int32_t * shift);
-    int32_t restkv_aws_smooth  (const float * in, int32_t n, int32_t kernel, int32_t shift, float * out);
-    int32_t restkv_max_rank    (const float * scores, int32_t n_layer, int32_t n, float * out);
-    int32_t restkv_select_evict(const float * score, const uint8_t * keep_always, int32_t n, int32_t n_keep,
-                                int32_t * out_evict);
-    int32_t restkv_cell_scores (const float * scores, const float * tpos, int32_t n_layer, int32_t n_head,
-                                int32_t n_head_kv, int32_t n, int32_t kernel_min, double beta, int32_t aggregate,
-                                float * out, int32_t * kernels, int32_t * shifts);
-    """
-)
+ffi.cdef(_LLAMA_TYPES)
+for _header in ("llama-restkv.h", "llama-restkv-debug.h", "restkv_policy.h"):
+    ffi.cdef(_header_declarations(_header))
 
 # the same file llama_cpp loaded (dlopen returns the already-loaded library)
 llama = ffi.dlopen(str(LIB_DIR / shared_library_name("llama")))
 native = ffi.dlopen(str(LIB_DIR / shared_library_name("pyrestkv_native")))
 
-KV_ERRORS = {
-    -1: "the context has no KV memory",
-    -2: "this model's memory type cannot evict tokens (recurrent, hybrid or MLA/DSA caches)",
-    -3: "sequence id out of range",
-    -4: "bad argument",
-    -5: "this model's KV cache cannot shift positions (M-RoPE or per-layer RoPE)",
-    -6: "a KV cell is shared with another sequence",
-    -7: "no query window: call llama_kv_set_query_window and decode first",
-    -8: "the scoring graph could not be built or run",
-}
-KV_ERR_UNSUPPORTED = -2
-KV_ERR_CANNOT_SHIFT = -5
+
+def _enum_choices(enum: str, prefix: str) -> dict:
+    """{"auto": 0, ...} for the C enum's members, named without their prefix, in lower case."""
+    return {name[len(prefix):].lower(): value for value, name in sorted(ffi.typeof(enum).elements.items())}
 
 
 class KVCacheError(RuntimeError):
-    """A KV eviction call failed; .code is the LLAMA_KV_ERR_* value."""
+    """A KV eviction or scoring call failed; .code is the llama_kv_err value."""
 
     def __init__(self, func: str, code: int):
         self.code = code
-        super().__init__(f"{func} failed: {KV_ERRORS.get(code, 'unknown error')} (code {code})")
+        message = ffi.string(llama.llama_kv_strerror(code)).decode()
+        super().__init__(f"{func} failed: {message} (code {code})")
 
 
 def _check(func: str, ret: int) -> int:
@@ -80,20 +63,19 @@ def _check(func: str, ret: int) -> int:
     return ret
 
 
-def pointer(handle) -> "ffi.CData":
+def pointer(handle, what: str = "llama.cpp handle") -> "ffi.CData":
     """A cffi pointer for a handle that llama_cpp's ctypes binding returned (context, memory)."""
     addr = handle if isinstance(handle, int) else ctypes.cast(handle, ctypes.c_void_p).value
     if not addr:
-        raise ValueError("null llama.cpp handle")
+        if what == "memory":
+            raise KVCacheError("llama_get_memory", llama.LLAMA_KV_ERR_NO_MEMORY)
+        raise ValueError(f"null {what}")
     return ffi.cast("void *", addr)
 
 
 def memory_handle(llama_memory) -> "ffi.CData":
     """A cffi pointer for the llama_memory_t that llama_cpp's ctypes binding returned."""
-    addr = ctypes.cast(llama_memory, ctypes.c_void_p).value if not isinstance(llama_memory, int) else llama_memory
-    if not addr:
-        raise KVCacheError("llama_get_memory", -1)
-    return ffi.cast("void *", addr)
+    return pointer(llama_memory, "memory")
 
 
 def kv_seq_n_cells(mem, seq_id: int = 0) -> int:
@@ -173,7 +155,7 @@ def max_rank(scores) -> np.ndarray:
     return out
 
 
-AGGREGATES = {"max_rank": 0, "mean": 1}
+AGGREGATES = _enum_choices("enum restkv_aggregate", "RESTKV_AGG_")
 
 
 def cell_scores(scores, tpos, n_head_kv: int, kernel_min: int, beta: float, aggregate: str = "max_rank"):
@@ -215,10 +197,15 @@ def select_evict(scores, n_keep: int, keep_always=None) -> np.ndarray:
 
 
 #
-# ReST-KV scoring pass (patches/0002)
+# ReST-KV scoring pass (native/llama/src/llama-kv-score.cpp)
 #
 
-DEBUG_K, DEBUG_V, DEBUG_Q_WINDOW, DEBUG_Q_PINNED, DEBUG_GRAM = range(5)
+# what llama_kv_debug_tensor reads (tests only: include/llama-restkv-debug.h)
+DEBUG_K = llama.LLAMA_KV_DEBUG_K
+DEBUG_V = llama.LLAMA_KV_DEBUG_V
+DEBUG_Q_WINDOW = llama.LLAMA_KV_DEBUG_Q_WINDOW
+DEBUG_Q_PINNED = llama.LLAMA_KV_DEBUG_Q_PINNED
+DEBUG_GRAM = llama.LLAMA_KV_DEBUG_GRAM
 
 
 def set_query_window(ctx, n_window: int) -> None:
@@ -255,12 +242,12 @@ def seq_score(ctx, mem, alpha: float, n_select: int, seq_id: int = 0):
         ),
     )
     if got != n:
-        raise KVCacheError("llama_kv_seq_score", -4)
+        raise KVCacheError("llama_kv_seq_score", llama.LLAMA_KV_ERR_BAD_ARG)
     return pos[:n], scores[:, :, :n], tpos
 
 
 # how the scoring pass runs: the fused op where the cache's device has it, else ordinary ggml ops
-SCORE_KERNELS = {"auto": 0, "composed": 1, "fused": 2}
+SCORE_KERNELS = _enum_choices("enum llama_kv_score_kernel", "LLAMA_KV_SCORE_KERNEL_")
 
 
 def set_score_kernel(ctx, kernel: str) -> None:
@@ -270,9 +257,9 @@ def set_score_kernel(ctx, kernel: str) -> None:
     _check("llama_kv_set_score_kernel", llama.llama_kv_set_score_kernel(ctx, SCORE_KERNELS[kernel]))
 
 
-# what a scoring pass returns (LLAMA_KV_SCORE_OUT_*), and how it averages its rows (LLAMA_KV_SCORE_ROWS_*)
-SCORE_OUTPUTS = {"restkv": 0, "attention": 1}
-SCORE_ROWS = {"ema": 0, "mean": 1, "last": 2}
+# what a scoring pass returns, and how it averages its rows
+SCORE_OUTPUTS = _enum_choices("enum llama_kv_score_output", "LLAMA_KV_SCORE_OUTPUT_")
+SCORE_ROWS = _enum_choices("enum llama_kv_score_rows", "LLAMA_KV_SCORE_ROWS_")
 
 
 def set_score_output(ctx, output: str, rows: str = "ema") -> None:
