@@ -267,12 +267,9 @@ class BudgetPolicy(KVPolicy):
                 f"n_ctx={n_ctx} leaves no room to read past kv_budget={self.budget}: it needs at "
                 f"least kv_budget + kv_window = {self.budget + self.window} cells (default: kv_budget + n_batch)"
             )
-        # a prefill chunk must fit beside the budget
+        # a prefill chunk must fit beside the budget (it still holds the window: n_ctx >= budget + window)
         n_batch = min(n_batch, n_ctx - self.budget)
-        n_ubatch = min(n_ubatch, n_batch)
-        if self.window > n_ubatch:
-            raise ValueError(f"kv_window={self.window} does not fit the prefill chunk n_ctx - kv_budget = {n_batch}")
-        return n_ctx, n_batch, n_ubatch
+        return n_ctx, n_batch, min(n_ubatch, n_batch)
 
     def should_compact(self, pos_next: int, n_incoming: int) -> bool:
         return self.positions == "auto" and pos_next + n_incoming > self.model.n_ctx_train
