@@ -336,7 +336,8 @@ class Llama(llama_cpp.Llama):
         policy = self.kv_policy
         pinned = False
         # the probe pays off only when this read will evict
-        if self._scoring is not None and len(tokens) > 1 and self._cells_used() + len(tokens) > getattr(policy, "budget", 0):
+        will_evict = self._cells_used() + len(tokens) > getattr(policy, "budget", 0)
+        if self._scoring is not None and len(tokens) > 1 and will_evict:
             pinned = self._probe_query(tokens)
 
         bar = None

@@ -517,7 +517,9 @@ def make_policy(kv_policy: Union[str, KVPolicy] = "full", **keywords) -> KVPolic
     if isinstance(kv_policy, type) and issubclass(kv_policy, KVPolicy):
         raise TypeError(f"kv_policy takes a policy instance, e.g. {kv_policy.__name__}(), not the class")
     if not isinstance(kv_policy, str) or kv_policy not in POLICIES:
-        raise ValueError(f"unknown kv_policy {kv_policy!r}; choose one of {sorted(POLICIES)}, or pass a KVPolicy instance")
+        raise ValueError(
+            f"unknown kv_policy {kv_policy!r}; choose one of {sorted(POLICIES)}, or pass a KVPolicy instance"
+        )
     cls = POLICIES[kv_policy]
     accepted = cls.keywords()
     rejected = [kw for kw in keywords if kw not in accepted]

@@ -101,8 +101,10 @@ def test_baseline_policies_reject_bad_parameters(model_path):
         pyrestkv.Llama(model_path, kv_policy="h2o", kv_kernel=0, verbose=False)
 
 
-@pytest.mark.parametrize("policy, keyword", [("streaming", "kv_alpha"), ("truncate", "kv_query"), ("shift", "kv_budget"),
-                                             ("full", "kv_aggregate"), ("snapkv", "kv_beta")])
+@pytest.mark.parametrize("policy, keyword", [
+    ("streaming", "kv_alpha"), ("truncate", "kv_query"), ("shift", "kv_budget"), ("full", "kv_aggregate"),
+    ("snapkv", "kv_beta"),
+])
 def test_a_policy_rejects_the_keywords_it_does_not_take(model_path, policy, keyword):
     # before today's classes, streaming and truncate took restkv's whole constructor and ignored these
     with pytest.raises(ValueError, match=f"kv_policy='{policy}' does not take {keyword}; it takes "):
