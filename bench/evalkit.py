@@ -21,9 +21,11 @@ from fractions import Fraction
 from pathlib import Path
 
 import pyrestkv  # noqa: F401  (first: it points llama_cpp at pyrestkv's patched libllama)
+from pyrestkv.policies import POLICIES, SCORED_POLICIES
+from pyrestkv.qa import LAYOUTS, QUESTION_QUERIES
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCORED = ("restkv", "snapkv", "h2o", "tova")
+SCORED = SCORED_POLICIES
 
 
 def model_path(name: str) -> str:
@@ -40,14 +42,12 @@ def model_path(name: str) -> str:
 
 
 def parse_arms(text: str) -> list:
-    from pyrestkv.policies import BUDGET_POLICIES
-
     arms = []
     for a in text.split(","):
         a = a.strip()
         policy, _, mode = a.partition(":")
-        if policy not in BUDGET_POLICIES + ("full", "shift"):
-            raise SystemExit(f"unknown policy {policy!r} in --arms")
+        if policy not in POLICIES:
+            raise SystemExit(f"unknown policy {policy!r} in --arms (one of {', '.join(POLICIES)})")
         if mode not in ("", "blind"):
             raise SystemExit(f"arm {a!r}: the only suffix is ':blind'")
         if mode == "blind" and policy not in SCORED:
@@ -95,9 +95,9 @@ def common_args(ap, max_tokens: int = 32) -> None:
     ap.add_argument("--arms", default="full,shift,restkv,snapkv",
                     help="policies, comma-separated; '<policy>:blind' for question-blind scoring")
     ap.add_argument("--budgets", default="1/8", help="token counts or fractions of the document (default: 1/8)")
-    ap.add_argument("--layout", default="after", choices=["after", "before", "both"])
-    ap.add_argument("--queries", default="tail", choices=["question", "tail", "none"],
-                    help="question-aware arms: which queries guide eviction (default: tail)")
+    ap.add_argument("--layout", default=LAYOUTS[0], choices=LAYOUTS)
+    ap.add_argument("--queries", default=QUESTION_QUERIES[0], choices=QUESTION_QUERIES,
+                    help=f"question-aware arms: which queries guide eviction (default: {QUESTION_QUERIES[0]})")
     ap.add_argument("--n-batch", type=int, default=512)
     ap.add_argument("--n-keep", type=int, default=64, help="shift: tokens kept at the start (chat header, instruction)")
     ap.add_argument("--max-tokens", type=int, default=max_tokens)

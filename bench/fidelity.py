@@ -80,10 +80,9 @@ def main(argv=None) -> None:
     rows = []
     for arm, budget in tqdm(runs, desc="fidelity", unit="arm"):
         llm = open_arm(path, arm, budget, args.doc_tokens, args)
-        if hasattr(llm.kv_policy, "query"):
-            llm.kv_policy.query = "none" if arm.endswith(":blind") else "tail"
         t0 = time.perf_counter()
-        lp = forced_logprobs(llm, doc, cont)
+        with llm.kv_probe("none" if arm.endswith(":blind") else "tail"):
+            lp = forced_logprobs(llm, doc, cont)
         kl = (p_ref * (ref - lp)).sum(axis=1)
         top1 = (ref.argmax(axis=1) == lp.argmax(axis=1)).mean()
         rows.append({"arm": arm, "budget": budget, "kl_mean": round(float(kl.mean()), 4),

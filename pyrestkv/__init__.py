@@ -5,6 +5,8 @@
     llm.create_completion(document + question)
     llm.kv_stats()
 
+    llm = Llama(default_model_path(), kv_policy=RestKVPolicy(budget=1024))  # a policy is its configuration
+
 Importing pyrestkv points llama-cpp-python at pyrestkv's patched libllama, so it must be imported
 before llama_cpp.
 """
@@ -16,7 +18,11 @@ _load_llama_cpp()
 from ._binding import KVCacheError  # noqa: E402
 from .llama import Llama  # noqa: E402
 from .models import default_model_path  # noqa: E402
-from .policies import POLICIES, ContextShiftPolicy, FullPolicy, KVCacheFullError, KVPolicy  # noqa: E402
+from .policies import (  # noqa: E402
+    POLICIES, AttentionPolicy, BudgetPolicy, CacheView, ContextShiftPolicy, Eviction, FullPolicy, H2OPolicy,
+    KVCacheFullError, KVPolicy, ModelInfo, RestKVPolicy, ScoredPolicy, ScoringSpec, SnapKVPolicy, StreamingPolicy,
+    TOVAPolicy, TruncatePolicy,
+)
 
 __version__ = "0.1.0"
 
@@ -25,8 +31,21 @@ __all__ = [
     "default_model_path",
     "KVCacheError",
     "KVCacheFullError",
+    "POLICIES",
     "KVPolicy",
     "FullPolicy",
     "ContextShiftPolicy",
-    "POLICIES",
+    "BudgetPolicy",
+    "StreamingPolicy",
+    "TruncatePolicy",
+    "ScoredPolicy",
+    "RestKVPolicy",
+    "AttentionPolicy",
+    "SnapKVPolicy",
+    "H2OPolicy",
+    "TOVAPolicy",
+    "CacheView",
+    "Eviction",
+    "ModelInfo",
+    "ScoringSpec",
 ]

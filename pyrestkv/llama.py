@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Optional, Sequence
+from contextlib import contextmanager
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
 from . import _binding
 from ._loader import load_llama_cpp
-from .policies import POLICIES, CacheView, Eviction, KVCacheFullError, KVPolicy
+from .policies import (POLICY_KEYWORDS, CacheView, Eviction, KVCacheFullError, KVPolicy, ModelInfo, ScoringSpec,
+                       check_query, make_policy)
 
 llama_cpp = load_llama_cpp()
 
@@ -58,80 +60,53 @@ class Llama(llama_cpp.Llama):
 
     Args:
         model_path: a GGUF model file.
-        kv_policy: "full" (keep everything; a full cache is an error, as in llama-cpp-python),
-            "shift" (llama.cpp's context shift), "restkv" (ReST-KV eviction), or a baseline under the
-            same budget: "snapkv", "h2o", "tova" (attention from the same scoring pass), "streaming"
-            (sink tokens and the most recent ones) or "truncate" (head and tail); see pyrestkv.policies.
-        n_keep: "shift": tokens at the start that are never discarded (the BOS token is kept on
-            top, as llama.cpp's server does).
-        n_discard: "shift": tokens discarded per shift; 0 means half of the discardable ones.
-        kv_budget: "restkv" and the baselines: cells kept after each eviction; n_ctx defaults to
-            kv_budget + n_batch.
-        kv_window: recent queries that score the cache (and recent tokens always kept).
-        kv_sink: first tokens always kept.
-        kv_alpha, kv_beta, kv_kernel: "restkv": EMA weight of the newest query, AWS scale, minimum
-            smoothing kernel (ReST-KV's alpha, beta and kernel_size; kernel default 21). kv_kernel
-            is also the pooling width of "snapkv" (default 5), "h2o" and "tova" (default 1).
-        kv_query: "restkv", "snapkv", "h2o", "tova": "tail" scores with the prompt's last kv_window tokens as if asked at the
-            end (prompt-aware), "none" with the recent queries only (the paper), or a question text
-            or token list.
-        kv_positions: "restkv": "keep" original positions, "compact" after each eviction, or "auto":
-            keep until the next position would pass the training context, then compact.
-        kv_aggregate: "restkv": one score per cell across layers: "max_rank" (max over layers of
-            the per-layer rank) or "mean" (mean of per-layer normalized scores).
-        kv_score_kernel: "restkv": how the scoring pass runs: "auto" (the fused op where the cache's
-            device implements it: CPU, CUDA, Metal; ordinary ggml ops elsewhere and for quantized
-            caches), "fused" or "composed" (always the ordinary ops).
+        kv_policy: a policy name from pyrestkv.policies.POLICIES, or a KVPolicy instance (which is
+            its whole configuration: no kv_* keywords with it). The names: "full" (keep everything;
+            a full cache is an error, as in llama-cpp-python), "shift" (llama.cpp's context shift),
+            "restkv" (ReST-KV eviction), or a baseline under the same budget: "snapkv", "h2o",
+            "tova" (attention from the same scoring pass), "streaming" (sink tokens and the most
+            recent ones) or "truncate" (head and tail); see pyrestkv.policies.
         progress: show a progress bar while a prompt longer than one batch is read.
         **kwargs: everything llama_cpp.Llama takes (n_ctx, n_batch, n_threads, verbose, ...).
             n_ctx is the number of KV cells; 0 means the model's training context.
+
+    With a policy name, these keywords configure it (only the ones given are passed on, and a
+    policy that does not take one rejects it; defaults in brackets):
+        n_keep ["shift"]: tokens at the start that are never discarded [0] (the BOS token is kept
+            on top, as llama.cpp's server does).
+        n_discard ["shift"]: tokens discarded per shift; 0 means half of the discardable ones [0].
+        kv_budget [restkv and the baselines]: cells kept after each eviction [2048]; n_ctx defaults
+            to kv_budget + n_batch.
+        kv_window: recent queries that score the cache, and recent tokens always kept [32].
+        kv_sink: first tokens always kept [4].
+        kv_positions: "keep" original positions, "compact" after each eviction, or "auto": keep
+            until the next position would pass the training context, then compact ["auto"].
+        kv_query [the policies that score]: "tail" scores with the prompt's last kv_window tokens
+            as if asked at the end (prompt-aware), "none" with the recent queries only (the
+            paper), or a question text or token list ["tail"]. `kv_probe` overrides it for a block.
+        kv_aggregate: one score per cell across layers: "max_rank" (max over layers of the
+            per-layer rank) or "mean" (mean of per-layer normalized scores) ["max_rank"].
+        kv_kernel: the smoothing width over neighbouring positions: restkv's minimum adaptive
+            width (ReST-KV's kernel_size) [21], snapkv's pooling [5], h2o's and tova's [1]; None
+            means the policy's default.
+        kv_score_kernel: how the scoring pass runs: "auto" (the fused op where the cache's device
+            implements it: CPU, CUDA, Metal; ordinary ggml ops elsewhere and for quantized
+            caches), "fused" or "composed" (always the ordinary ops) ["auto"].
+        kv_alpha, kv_beta ["restkv"]: EMA weight of the newest query [0.3], scale of the adaptive
+            smoothing window [2000] (ReST-KV's alpha and beta).
     """
 
-    def __init__(
-        self,
-        model_path: str,
-        *,
-        kv_policy: str = "full",
-        n_keep: int = 0,
-        n_discard: int = 0,
-        kv_budget: int = 2048,
-        kv_window: int = 32,
-        kv_sink: int = 4,
-        kv_alpha: float = 0.3,
-        kv_beta: float = 2000.0,
-        kv_kernel: Optional[int] = None,
-        kv_query="tail",
-        kv_positions: str = "auto",
-        kv_aggregate: str = "max_rank",
-        kv_score_kernel: str = "auto",
-        progress: bool = False,
-        **kwargs,
-    ):
-        if kv_policy not in POLICIES:
-            raise ValueError(f"unknown kv_policy {kv_policy!r}; choose one of {sorted(POLICIES)}")
-        if kv_score_kernel not in _binding.SCORE_KERNELS:
-            raise ValueError(f"kv_score_kernel must be one of {sorted(_binding.SCORE_KERNELS)}, got {kv_score_kernel!r}")
-        self._score_kernel = kv_score_kernel
+    def __init__(self, model_path: str, *, kv_policy: Union[str, KVPolicy] = "full", progress: bool = False,
+                 **kwargs):
+        # bad parameters fail here, before the model is loaded
+        policy = make_policy(kv_policy, **{kw: kwargs.pop(kw) for kw in POLICY_KEYWORDS if kw in kwargs})
         _check_model_file(model_path)
         for name, default, allow_zero in (("n_ctx", 512, True), ("n_batch", 512, False), ("n_ubatch", 512, False)):
             _check_size(name, kwargs.get(name, default), allow_zero)
-        _check_size("n_keep", n_keep, allow_zero=True)
-        _check_size("n_discard", n_discard, allow_zero=True)
-
-        # bad parameters fail here, before the model is loaded
-        if kv_policy == "full":
-            policy = POLICIES["full"]()
-        elif kv_policy == "shift":
-            policy = POLICIES["shift"](n_keep=n_keep, n_discard=n_discard)
-        else:
-            policy = POLICIES[kv_policy](
-                budget=kv_budget, window=kv_window, sink=kv_sink, alpha=kv_alpha, beta=kv_beta,
-                kernel=kv_kernel, query=kv_query, positions=kv_positions, aggregate=kv_aggregate,
-            )
-            self._size_restkv_context(policy, kwargs)
-        n_ctx_arg = kwargs.get("n_ctx", 512)
-        if n_ctx_arg > 0:
-            policy.bind(n_ctx_arg, add_bos=False)
+        n_ctx, kwargs["n_batch"], kwargs["n_ubatch"] = policy.size_context(
+            kwargs.get("n_ctx"), kwargs.get("n_batch", 512), kwargs.get("n_ubatch", 512))
+        if n_ctx is not None:
+            kwargs["n_ctx"] = n_ctx
 
         super().__init__(model_path=model_path, **kwargs)
 
@@ -143,66 +118,46 @@ class Llama(llama_cpp.Llama):
             self.close()
             raise
 
-    @staticmethod
-    def _size_restkv_context(policy, kwargs: dict) -> None:
-        """n_ctx = kv_budget + one prefill chunk: the cache never holds more than that."""
-        n_batch = kwargs.get("n_batch", 512)
-        n_ubatch = min(kwargs.get("n_ubatch", 512), n_batch)
-        if policy.window > n_ubatch:
-            raise ValueError(
-                f"kv_window={policy.window} is larger than n_ubatch={n_ubatch}: the window holds the last "
-                "queries of one micro-batch. Use a smaller kv_window or a larger n_ubatch."
-            )
-        if "n_ctx" not in kwargs or kwargs["n_ctx"] == 0:
-            kwargs["n_ctx"] = policy.budget + n_batch
-        elif kwargs["n_ctx"] < policy.budget + policy.window:
-            raise ValueError(
-                f"n_ctx={kwargs['n_ctx']} leaves no room to read past kv_budget={policy.budget}: it needs at "
-                f"least kv_budget + kv_window = {policy.budget + policy.window} cells (default: kv_budget + n_batch)"
-            )
-        else:
-            # a prefill chunk must fit beside the budget
-            kwargs["n_batch"] = min(n_batch, kwargs["n_ctx"] - policy.budget)
-            kwargs["n_ubatch"] = min(kwargs.get("n_ubatch", 512), kwargs["n_batch"])
-            if policy.window > kwargs["n_ubatch"]:
-                raise ValueError(
-                    f"kv_window={policy.window} does not fit the prefill chunk n_ctx - kv_budget = {kwargs['n_batch']}"
-                )
-
     def _init_kv_books(self) -> None:
         self._mem = _binding.memory_handle(llama_cpp.llama_get_memory(self.ctx))
         self._ctx_ptr = _binding.pointer(self.ctx)
-        n_ctx = self.n_ctx()
-        vocab = llama_cpp.llama_model_get_vocab(self.model)
-        self.kv_policy.bind(n_ctx, add_bos=bool(llama_cpp.llama_vocab_get_add_bos(vocab)))
-
-        if self.kv_policy.scored:
+        policy = self.kv_policy
+        # the scoring spec is applied once; the C side keeps it for every pass of this context
+        self._scoring: Optional[ScoringSpec] = policy.scoring()
+        if self._scoring is not None:
             try:
-                _binding.set_query_window(self._ctx_ptr, self.kv_policy.window)
+                _binding.set_query_window(self._ctx_ptr, self._scoring.window)
                 _binding.score_shape(self._ctx_ptr)
-                _binding.set_score_kernel(self._ctx_ptr, self._score_kernel)
-                _binding.set_score_output(self._ctx_ptr, self.kv_policy.score_output, self.kv_policy.score_rows)
+                _binding.set_score_kernel(self._ctx_ptr, self._scoring.op)
+                _binding.set_score_output(self._ctx_ptr, self._scoring.output, self._scoring.rows)
             except _binding.KVCacheError as e:
                 raise ValueError(
-                    f"kv_policy={self.kv_policy.name!r} cannot be used with this model: {e}. ReST-KV scoring "
+                    f"kv_policy={policy.name!r} cannot be used with this model: {e}. ReST-KV scoring "
                     "supports the plain KV cache of standard attention models and the full-attention half of "
                     "sliding-window (iSWA) caches, not recurrent, hybrid or MLA caches."
                 ) from None
-            self.kv_policy.n_head_kv = int(llama_cpp.llama_model_n_head_kv(self.model))
 
-        if self.kv_policy.evicts:
+        if policy.evicts:
             try:
                 _binding.kv_seq_n_cells(self._mem)
             except _binding.KVCacheError as e:
-                raise ValueError(f"kv_policy={self.kv_policy.name!r} cannot be used with this model: {e}") from None
+                raise ValueError(f"kv_policy={policy.name!r} cannot be used with this model: {e}") from None
             if not llama_cpp.llama_memory_can_shift(llama_cpp.llama_get_memory(self.ctx)):
                 raise ValueError(
-                    f"kv_policy={self.kv_policy.name!r} cannot be used with this model: its KV cache "
+                    f"kv_policy={policy.name!r} cannot be used with this model: its KV cache "
                     "cannot shift positions (M-RoPE or per-layer RoPE). Use kv_policy='full'."
                 )
+
+        vocab = llama_cpp.llama_model_get_vocab(self.model)
+        policy.bind(ModelInfo(
+            n_ctx=self.n_ctx(), add_bos=bool(llama_cpp.llama_vocab_get_add_bos(vocab)),
+            n_head_kv=int(llama_cpp.llama_model_n_head_kv(self.model)), n_ctx_train=int(self._model.n_ctx_train()),
+        ))
+        if policy.evicts:
             # prompts and generations are bounded by the policy, not by the number of cells
             self._n_ctx = _UNBOUNDED_CTX
 
+        self._probe_override = None  # kv_probe's query while its block runs
         self._token_pos = np.full(len(self.input_ids), -1, dtype=np.int32)
         self._n_logical = 0  # tokens our books describe; self.n_tokens may be lowered by llama_cpp
         self._pos_next = 0
@@ -214,7 +169,7 @@ class Llama(llama_cpp.Llama):
             "compactions": 0,
             "evict_ms": 0.0,
         }
-        if self.kv_policy.scored:
+        if self._scoring is not None:
             self._stats.update({"scoring_passes": 0, "scoring_ms": 0.0, "probe_tokens": 0})
         self._layer_summary = None
 
@@ -289,12 +244,12 @@ class Llama(llama_cpp.Llama):
     def _view(self, n_incoming: int) -> CacheView:
         return CacheView(
             positions=_binding.kv_seq_positions(self._mem), n_ctx=self.n_ctx(), n_incoming=n_incoming,
-            score=self._scoring_pass if self.kv_policy.scored else None,
+            score=self._scoring_pass if self._scoring is not None else None,
         )
 
     def _scoring_pass(self, n_select: int):
         t0 = time.perf_counter()
-        pos, scores, tpos = _binding.seq_score(self._ctx_ptr, self._mem, self.kv_policy.alpha, n_select)
+        pos, scores, tpos = _binding.seq_score(self._ctx_ptr, self._mem, self._scoring.alpha, n_select)
         self._stats["scoring_passes"] += 1
         self._stats["scoring_ms"] += (time.perf_counter() - t0) * 1e3
         self._layer_summary = scores
@@ -323,22 +278,41 @@ class Llama(llama_cpp.Llama):
 
     def _maybe_compact(self, n_incoming: int) -> None:
         """kv_positions='auto': renumber before a position would pass the training context."""
-        policy = self.kv_policy
-        if getattr(policy, "positions", None) == "auto" and self._pos_next + n_incoming > self._model.n_ctx_train():
+        if self.kv_policy.should_compact(self._pos_next, n_incoming):
             self.kv_compact()
 
+    @contextmanager
+    def kv_probe(self, query):
+        """Within the block, score evictions with this question probe instead of the policy's
+        kv_query: "tail" (the prompt's last kv_window tokens), "none" (question-blind), a question
+        text or a token list. The policy itself is left as it is; a policy that does not score
+        ignores the probe.
+
+            with llm.kv_probe("What was the total revenue in 2023?"):
+                llm.create_completion(document + question)
+        """
+        query = check_query(query, "kv_probe's query")
+        saved = self._probe_override
+        self._probe_override = query
+        try:
+            yield self
+        finally:
+            self._probe_override = saved
+
     def _probe_query(self, tokens: list) -> bool:
-        """Prompt-aware scoring: decode the question (the prompt's tail, or kv_query) once, right
-        after the cache, keep its queries as pinned rows of every scoring pass, and take it back out."""
-        policy = self.kv_policy
-        if policy.query == "none":
+        """Prompt-aware scoring: decode the question (the prompt's tail, kv_probe's or the policy's
+        query) once, right after the cache, keep its queries as pinned rows of every scoring pass,
+        and take it back out."""
+        query = self._probe_override if self._probe_override is not None else getattr(self.kv_policy, "query", "none")
+        window = self._scoring.window
+        if query == "none":
             return False
-        if policy.query == "tail":
-            probe = tokens[-policy.window:]
-        elif isinstance(policy.query, str):
-            probe = self.tokenize(policy.query.encode(), add_bos=False, special=True)[-policy.window:]
+        if query == "tail":
+            probe = tokens[-window:]
+        elif isinstance(query, str):
+            probe = self.tokenize(query.encode(), add_bos=False, special=True)[-window:]
         else:
-            probe = list(policy.query)[-policy.window:]
+            probe = list(query)[-window:]
         if not probe or self.n_ctx() - self._cells_used() < len(probe):
             return False
         _binding.reset_query_window(self._ctx_ptr)
@@ -361,7 +335,9 @@ class Llama(llama_cpp.Llama):
 
         policy = self.kv_policy
         pinned = False
-        if policy.scored and len(tokens) > 1 and self._cells_used() + len(tokens) > policy.budget:
+        # the probe pays off only when this read will evict
+        will_evict = self._cells_used() + len(tokens) > getattr(policy, "budget", 0)
+        if self._scoring is not None and len(tokens) > 1 and will_evict:
             pinned = self._probe_query(tokens)
 
         bar = None
@@ -503,7 +479,7 @@ class Llama(llama_cpp.Llama):
         stats["evict_ms"] = round(stats["evict_ms"], 3)
         if "scoring_ms" in stats:
             stats["scoring_ms"] = round(stats["scoring_ms"], 3)
-            stats["score_kernel"] = self._score_kernel
+            stats["score_kernel"] = self._scoring.op
             # layers the last pass scored with the fused op (the others took ordinary ggml ops)
             stats["scoring_fused_layers"] = _binding.score_n_fused(self._ctx_ptr)
         if self._layer_summary is not None:

@@ -20,11 +20,16 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Callable, Optional, Union
 
+from .policies import BudgetPolicy
+
 QA_INSTRUCTION = "Read the document below, then answer the question."
+#: where the question goes relative to the document (the first is the default)
 LAYOUTS = ("after", "before", "both")
-QUESTION_QUERIES = ("question", "tail", "none")
-#: the smallest budget ask() accepts: the recent window (32) and the sink tokens (4) are always kept
-MIN_BUDGET = 64
+#: which queries score the cache while the document is read (the first is the default)
+QUESTION_QUERIES = ("tail", "question", "none")
+#: the smallest budget resolve_budget() gives: twice the default recent window (64), so that beside
+#: the window and the sink tokens (36 cells, always kept) the policy still chooses 28 cells
+MIN_BUDGET = 2 * BudgetPolicy.window
 
 
 @dataclass
@@ -116,10 +121,8 @@ def ask(llm, document, question: str, *, max_tokens: int = 128, layout: str = "a
     if stream is not None and not callable(stream):
         raise TypeError("stream must be a callable that takes each piece of the answer, or None")
 
-    policy = llm.kv_policy
-    saved_query = getattr(policy, "query", None)
-    if policy.scored:
-        policy.query = {"question": question.strip(), "tail": "tail", "none": "none"}[question_queries]
+    # the probe guides this call's eviction only; the policy's own kv_query stays as it is
+    probe = {"question": question.strip(), "tail": "tail", "none": "none"}[question_queries]
     t0 = time.perf_counter()
     seen0 = llm.kv_stats()["tokens_seen"]
     pieces = []
@@ -129,7 +132,7 @@ def ask(llm, document, question: str, *, max_tokens: int = 128, layout: str = "a
         if stream is not None:
             stream(piece)
 
-    try:
+    with llm.kv_probe(probe):
         messages = qa_messages(text, question, layout)
         if llm.metadata.get("tokenizer.chat_template"):
             chunks = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=temperature,
@@ -156,9 +159,6 @@ def ask(llm, document, question: str, *, max_tokens: int = 128, layout: str = "a
                     chunks.close()
                     break
                 emit(piece)
-    finally:
-        if policy.scored:
-            policy.query = saved_query
     seconds = time.perf_counter() - t0
     stats = llm.kv_stats()
     answer = "".join(pieces).strip()

@@ -17,11 +17,30 @@ def test_ask_answers_from_a_document(tmp_path, capsys):
     llm.close()
     path = tmp_path / "doc.txt"
     path.write_text(doc)
-    assert main(["ask", "--doc", str(path), "--kv-budget", "256", "--n-batch", "256", "--max-tokens", "24",
-                 "What was the rescue ship called?"]) == 0
+    # --n-ctx reaches restkv too (its default would be kv_budget + n_batch = 512)
+    assert main(["ask", "--doc", str(path), "--kv-budget", "256", "--n-batch", "256", "--n-ctx", "768",
+                 "--max-tokens", "24", "What was the rescue ship called?"]) == 0
     out, err = capsys.readouterr()
     assert "Marigold" in out
     assert "[kv]          policy: restkv" in err and "scoring_passes" in err
+    assert "[kv]           n_ctx: 768" in err and "[kv]          budget: 256" in err
+
+
+def test_ask_checks_n_ctx_against_the_budget(tmp_path):
+    # a cache too small for the budget is refused with the Llama's message, before the model loads
+    path = tmp_path / "doc.txt"
+    path.write_text("Some text. " * 50)
+    with pytest.raises(SystemExit, match="n_ctx=280 leaves no room to read past kv_budget=256"):
+        main(["ask", "--doc", str(path), "--kv-budget", "256", "--n-ctx", "280", "q?"])
+
+
+def test_policy_choices_come_from_the_registry(capsys):
+    from pyrestkv.policies import POLICIES
+
+    with pytest.raises(SystemExit):
+        main(["ask", "--help"])
+    out = capsys.readouterr().out
+    assert "{" + ",".join(POLICIES) + "}" in out
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,18 @@
-"""kv_policy='restkv' end to end on the real model: bounded memory, needles, fidelity, errors."""
+"""The budget policies end to end on the real model: restkv (bounded memory, generation, needles,
+fidelity, the question probe, positions, the scoring options, a sliding-window model) and the
+baselines (snapkv, h2o, tova, streaming, truncate)."""
 
 import llama_cpp
 import numpy as np
 import pytest
 
+from helpers import N_HEAD, D, N_HEAD_KV, greedy_chat, open_llama
 from pyrestkv import _binding
-from conftest import greedy_chat, open_llama
 from pyrestkv.haystack import NEEDLE_CASES, make_document, needle_prompt
+from pyrestkv.policies import RestKVPolicy
 
 
+@pytest.mark.slow
 def test_bounded_memory_on_a_long_document(model_path):
     """9,000 tokens through kv_budget=512: never more than n_ctx = budget + one chunk cells, and
     positions are compacted before they pass SmolLM2's 8,192-token training context."""
@@ -34,6 +38,7 @@ def test_bounded_memory_on_a_long_document(model_path):
     llm.close()
 
 
+@pytest.mark.slow
 def test_generation_evicts_in_bulk(model_path):
     llm = open_llama(model_path, kv_policy="restkv", kv_budget=256, n_batch=128)
     n_ctx = llm.n_ctx()  # 256 + 128, which llama.cpp rounds up to a multiple of 256
@@ -50,6 +55,7 @@ def test_generation_evicts_in_bulk(model_path):
     llm.close()
 
 
+@pytest.mark.slow
 def test_needles_restkv_beats_shift(model_path):
     """Needle cases the full cache answers; restkv at kv_budget=512 keeps at least 5 of 6 or more,
     and shift with the same n_ctx keeps fewer."""
@@ -84,6 +90,7 @@ def teacher_forced_top1(model_path, tokens, n_prefix, **kwargs):
     return predicted
 
 
+@pytest.mark.slow
 def test_fidelity_restkv_above_shift(model_path):
     """Teacher-force 200 tokens after a 2,000-token text with kv_budget=512: restkv's next-token
     predictions agree with the full cache's more often than shift's do."""
@@ -101,15 +108,36 @@ def test_fidelity_restkv_above_shift(model_path):
     assert agreement["restkv"] > agreement["shift"]
 
 
+class PinnedRowsWatch(RestKVPolicy):
+    """restkv that notes, at every scoring pass, how many pinned (probe) rows the pass scores with."""
+
+    def rate(self, view):
+        rows, _ = _binding.debug_tensor(self.ctx, 0, _binding.DEBUG_Q_PINNED)
+        self.pinned_rows.append(len(rows) // (N_HEAD * D))
+        return super().rate(view)
+
+
+def pinned_rows(llm) -> int:
+    rows, _ = _binding.debug_tensor(llm._ctx_ptr, 0, _binding.DEBUG_Q_PINNED)
+    return len(rows) // (N_HEAD * D)
+
+
 def test_prompt_aware_probe_is_pinned_then_dropped(model_path):
-    llm = open_llama(model_path, kv_policy="restkv", kv_budget=256, n_batch=256)
+    policy = PinnedRowsWatch(budget=256)
+    policy.pinned_rows = []
+    llm = open_llama(model_path, kv_policy=policy, n_batch=256)
+    policy.ctx = llm._ctx_ptr
     doc = make_document(llm, 1200, [], seed=41)
     llm.create_completion(needle_prompt(doc, "What was repaired first?"), max_tokens=4, temperature=0.0)
     stats = llm.kv_stats()
     assert stats["probe_tokens"] == 32
     assert stats["scoring_passes"] >= 3
+    # while the prompt is read, every pass scores with the prompt's tail pinned (32 rows); the pass
+    # after its last chunk, when the tail is really in the cache and in the window, without them
+    n = stats["scoring_passes"]
+    assert policy.pinned_rows == [32] * (n - 1) + [0]
     # after the prompt the pinned rows are gone: scoring uses the real window only
-    assert _binding.pin_query_window(llm._ctx_ptr, False) == 0
+    assert pinned_rows(llm) == 0
     llm.close()
 
 
@@ -133,29 +161,6 @@ def test_compact_positions_mode(model_path):
     keep.close()
 
 
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(kv_budget=30, kv_window=32, kv_sink=4), "kv_budget=30 must be at least kv_window \\+ kv_sink = 36"),
-        (dict(kv_window=64, n_batch=32), "kv_window=64 is larger than n_ubatch=32"),
-        (dict(kv_window=0), "kv_window must be >= 1"),
-        (dict(kv_window=300, n_batch=512), "kv_window must be <= 256"),
-        (dict(kv_sink=-1), "kv_sink must be >= 0"),
-        (dict(kv_alpha=0.0), "kv_alpha must be in"),
-        (dict(kv_beta=-1.0), "kv_beta must be positive"),
-        (dict(kv_kernel=0), "kv_kernel must be >= 1"),
-        (dict(kv_positions="sometimes"), "kv_positions must be"),
-        (dict(kv_aggregate="median"), "kv_aggregate must be one of"),
-        (dict(kv_score_kernel="gpu"), "kv_score_kernel must be one of"),
-        (dict(kv_query=3.5), "kv_query must be"),
-        (dict(kv_budget=512, n_ctx=520), "n_ctx=520 leaves no room"),
-    ],
-)
-def test_restkv_bad_arguments(model_path, kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        open_llama(model_path, kv_policy="restkv", **kwargs)
-
-
 def test_composed_scoring_kernel_on_request(model_path):
     llm = open_llama(model_path, kv_policy="restkv", kv_budget=256, n_batch=256, kv_score_kernel="composed")
     llm.eval(llm.tokenize(make_document(llm, 900, [], seed=8).encode())[:800])
@@ -177,11 +182,12 @@ def test_score_shape_matches_the_model(model_path):
     # scores come per layer and query head: SmolLM2 has 30 layers, 9 query heads over 3 KV heads
     llm = open_llama(model_path, kv_policy="restkv", kv_budget=256, n_batch=256)
 
-    assert _binding.score_shape(llm._ctx_ptr) == (30, 9)
-    assert llm.kv_policy.n_head_kv == 3
+    assert _binding.score_shape(llm._ctx_ptr) == (30, N_HEAD)
+    assert llm.kv_policy.model.n_head_kv == N_HEAD_KV
     llm.close()
 
 
+@pytest.mark.slow
 def test_gemma3_sliding_window_model():
     """Gemma-3 mixes sliding-window and full-attention layers (an iSWA cache): restkv captures the
     queries of the full-attention layers only, scores their cache and keeps memory bounded.
@@ -201,5 +207,38 @@ def test_gemma3_sliding_window_model():
     assert stats["cells_used"] <= 1024 and stats["tokens_seen"] == len(tokens)
     positions, cached = llm.kv_cells()
     assert list(cached[-32:]) == tokens[-32:]
-    assert np.all(np.isfinite(np.concatenate([np.ravel(x["max"]) for x in stats["layer_scores"]])))
+    # the last pass scored exactly the full-attention layers, with ReST-KV's scores (odds times a
+    # distance: non-negative, and positive somewhere in every layer)
+    summary = stats["layer_scores"]
+    assert [x["layer"] for x in summary] == list(range(layers))
+    assert all(0.0 <= x["mean"] <= x["max"] and x["max"] > 0.0 for x in summary)
+    llm.close()
+
+
+@pytest.mark.parametrize("policy", ["streaming", "truncate"])
+def test_unscored_baselines_keep_what_they_promise(model_path, policy):
+    llm = open_llama(model_path, kv_policy=policy, kv_budget=128, n_batch=64)
+    llm.eval(llm.tokenize(make_document(llm, 700, [], seed=2).encode())[:600])
+    pos, _ = llm.kv_cells()
+    assert len(pos) <= 128 + 64 and llm.kv_stats()["evictions"] > 0
+    assert "scoring_passes" not in llm.kv_stats()
+    head = 4 if policy == "streaming" else 64
+    # the head of the text, then nothing but the most recent tokens
+    assert np.array_equal(pos[:head], np.arange(head))
+    tail = pos[head:]
+    assert np.array_equal(tail, np.arange(tail[0], tail[0] + len(tail)))
+    assert tail[-1] == 599
+    llm.close()
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "h2o", "tova"])
+def test_scored_baselines_read_past_the_cache(model_path, policy):
+    llm = open_llama(model_path, kv_policy=policy, kv_budget=128, n_batch=128)
+    llm.eval(llm.tokenize(make_document(llm, 700, [], seed=2).encode())[:600])
+    stats = llm.kv_stats()
+    assert stats["policy"] == policy and stats["scoring_passes"] > 0 and stats["cells_used"] <= 128 + 128
+    assert "kv_alpha" not in stats
+    pos, _ = llm.kv_cells()
+    assert np.array_equal(pos[:4], np.arange(4))  # sink tokens
+    assert pos[-1] == 599
     llm.close()

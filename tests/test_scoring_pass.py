@@ -1,20 +1,19 @@
-"""The native scoring pass (patches/0002, 0004) against the NumPy reference (pyrestkv/reference.py),
+"""The native scoring pass (patches/0002, 0004, 0006) against the NumPy reference (pyrestkv/reference.py),
 on Q/K/V taken from the real model's cache for a real prompt and W_O read from the GGUF file. Both
 implementations are held to it: the fused op (GGML_OP_RESTKV_SCORE, native/ggml, the CPU code that
-the CUDA and Metal kernels mirror) and the composed graph of ordinary ggml ops."""
+the CUDA and Metal kernels mirror) and the composed graph of ordinary ggml ops; so is the attention
+output the baselines rank by, for every row weighting."""
 
 import llama_cpp
 import numpy as np
 import pytest
 
-import pyrestkv
-from conftest import open_llama
 from gguf_reader import GGUF
-from pyrestkv.haystack import make_document
+from helpers import N_HEAD, N_HEAD_KV, D, open_llama, relative_error
 from pyrestkv import _binding as B
 from pyrestkv import reference as R
+from pyrestkv.haystack import make_document
 
-N_HEAD, N_HEAD_KV, D = 9, 3, 64
 LAYERS = (0, 11, 29)
 ALPHA = 0.3
 
@@ -43,10 +42,6 @@ def scored_model(model_path, tokens=600, **kwargs):
     B.set_query_window(ctx, 32)
     llm.eval(llm.tokenize(make_document(llm, tokens, [], seed=11).encode())[:tokens])
     return llm, ctx
-
-
-def relative_error(native, ref):
-    return float(np.abs(native - ref).max() / np.abs(ref).max())
 
 
 def test_gram_matrices_are_the_output_projection(model_path, gguf):
@@ -207,14 +202,36 @@ def test_rerotation_equals_decoding_at_the_target_positions(model_path):
     llm.close()
 
 
-def test_cell_scores_native_matches_reference():
-    rng = np.random.default_rng(3)
-    scores = rng.random((30, 9, 400)).astype(np.float32)
-    tpos = np.full((30, 9, 2), np.nan, dtype=np.float32)
-    tpos[3] = [[5000.0, 1000.0]] * 9  # t = 4000: kernel 21, shift 2
-    tpos[4] = [[100.0, 6100.0]] * 9  # t = -6000: kernel 21, shift -2
-    native, kernels, shifts = B.cell_scores(scores, tpos, 3, 21, 2000.0)
-    ref = R.cell_scores(scores, tpos, 3, 21, 2000.0)
-    assert kernels[3, 0] == 21 and shifts[3, 0] == 2 and shifts[4, 0] == -2 and shifts[0, 0] == 0
-    # float32 sums in a different order can swap near-ties: ranks agree almost everywhere
-    assert np.mean(np.abs(native - ref) < 1e-3) > 0.99
+@pytest.mark.parametrize("kernel", ["fused", "composed"])
+@pytest.mark.parametrize("rows", ["ema", "mean", "last"])
+def test_attention_output_matches_reference(model_path, gguf, rows, kernel):
+    llm, ctx = scored_model(model_path)
+    B.set_score_kernel(ctx, kernel)
+    B.set_score_output(ctx, "attention", rows)
+    pos, att, _ = B.seq_score(ctx, llm._mem, ALPHA, 0)
+    errors = []
+    for il in LAYERS:
+        q, qpos, k, _, kpos = read_layer(ctx, il)
+        ref = R.window_attention(q, qpos, k, kpos, N_HEAD_KV, D**-0.5, rows, ALPHA)
+        errors.append(relative_error(att[il], ref))
+        if rows == "last":  # one row: a distribution over the cells it sees
+            np.testing.assert_allclose(att[il].sum(axis=1), 1.0, rtol=2e-3)
+    print(f"\nattention, rows={rows}, {kernel}: relative errors {errors}")
+    assert max(errors) <= 1e-3
+    # back to ReST-KV's score: the same pass, another output, again the reference's
+    B.set_score_output(ctx, "restkv", "ema")
+    _, scores, _ = B.seq_score(ctx, llm._mem, ALPHA, 0)
+    for il in LAYERS:
+        q, qpos, k, v, kpos = read_layer(ctx, il)
+        ref = R.restkv_scores(q, qpos, k, v, kpos, gram_from_gguf(gguf, il), N_HEAD_KV, D**-0.5, ALPHA, qpos[0])
+        assert relative_error(scores[il], ref) <= 1e-3
+    llm.close()
+
+
+def test_score_output_rejects_bad_values(model_path):
+    llm, ctx = scored_model(model_path, tokens=64)
+    with pytest.raises(ValueError, match="score output"):
+        B.set_score_output(ctx, "logits")
+    with pytest.raises(ValueError, match="score rows"):
+        B.set_score_output(ctx, "attention", "median")
+    llm.close()
