@@ -1,4 +1,4 @@
-"""The cache API under the policies: Llama.kv_cells, kv_evict (which packs the cells, patches/0005)
+"""The cache API under the policies: Llama.kv_cells, kv_evict (which packs the cells)
 and kv_compact, on the real model."""
 
 import ctypes
@@ -44,7 +44,7 @@ def _last_logits(llm):
 
 
 def test_eviction_packs_cells_and_the_output_stays(model_path):
-    """kv_evict moves the cells above the freed ones down into the holes (patches/0005), so that
+    """kv_evict moves the cells above the freed ones down into the holes, so that
     attention spans only as many cells as are used. The reference for the packed cache is llama.cpp's
     own: the same removal with llama_memory_seq_rm, then the sequence's state saved and restored into
     a fresh context (restoring writes the cells contiguously). The next tokens' logits must agree."""
@@ -110,20 +110,25 @@ def test_compact_makes_positions_dense_and_keeps_order(model_path):
     llm.close()
 
 
-def _greedy_continue(llm, n: int) -> str:
-    out = []
-    for _ in range(n):
-        token = llm.sample(temp=0.0)
-        out.append(token)
-        llm.eval([token])
-    return llm.detokenize(out).decode(errors="replace")
+def _code_logprob(llm, answer: str) -> float:
+    """Teacher-forced log-probability of the digits of `answer`, from what the cache holds now."""
+    total = 0.0
+    for t in llm.tokenize(answer.encode(), add_bos=False):
+        logits = _last_logits(llm).astype(np.float64)
+        logp = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+        if llm.detokenize([t]).decode(errors="replace").strip().isdigit():
+            total += float(logp[t])
+        llm.eval([t])
+    return total
 
 
 def test_evicted_tokens_are_really_gone(model_path):
-    """The model reads back a code it was told; once the code's tokens are evicted, it cannot."""
+    """The model reads back a code it was told; once the code's tokens are evicted, it cannot. Measured
+    as the teacher-forced log-probability of the code in the answer, not a greedy continuation, whose
+    wording varies with the CPU's arithmetic."""
     content = "Remember this: the secret code is 4917. It opens the blue safe. What is the secret code?"
     prompt = f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
-    results = {}
+    logprob = {}
     for evict in (False, True):
         llm = open_llama(model_path, n_ctx=512)
         tokens = llm.tokenize(prompt.encode(), special=True)
@@ -137,11 +142,11 @@ def test_evicted_tokens_are_really_gone(model_path):
         if evict:
             assert llm.kv_evict(code) == len(code)
         llm.eval(tokens[-1:])  # the answer's logits come from what is cached now
-        results[evict] = _greedy_continue(llm, 10)
+        logprob[evict] = _code_logprob(llm, "The secret code is 4917.")
         llm.close()
-    print(f"\nanswer with the code cached: {results[False]!r}; after evicting it: {results[True]!r}")
-    assert "4917" in results[False]
-    assert "4917" not in results[True]
+    print(f"\nlog P(code digits): cached {logprob[False]:.2f}, after evicting them {logprob[True]:.2f}")
+    assert logprob[False] >= np.log(0.5)  # the model copies the code it can see
+    assert logprob[True] <= logprob[False] - 6.0  # and is 400 times less sure once it is gone
 
 
 def test_bad_evict_arguments(model_path):

@@ -74,7 +74,9 @@ def test_shift_keeps_the_first_n_keep_tokens(model_path):
 
 def test_shift_generation_runs_past_the_cache(model_path):
     llm = open_llama(model_path, kv_policy="shift", n_ctx=256, n_batch=64)
-    out = llm.create_completion("Count from one to one thousand: one, two, three,", max_tokens=400, temperature=0.0)
+    # the end of text is banned: the generation must run past the cache, wherever the model would stop
+    out = llm.create_completion("Count from one to one thousand: one, two, three,", max_tokens=400, temperature=0.0,
+                                logit_bias={llm.token_eos(): -1e9})
     stats = llm.kv_stats()
     assert out["usage"]["completion_tokens"] == 400
     assert stats["cells_peak"] <= 256 and stats["evictions"] >= 1
