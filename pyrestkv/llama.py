@@ -227,6 +227,9 @@ class Llama(llama_cpp.Llama):
     def _apply_eviction(self, ev: Eviction) -> None:
         t0 = time.perf_counter()
         drop = np.asarray(ev.positions, dtype=np.int32)
+        # eviction packs the cells with copies in the cache's memory: a decode still running on a GPU
+        # must be done with them first
+        llama_cpp.llama_synchronize(self.ctx)
         removed = _binding.kv_seq_evict(self._mem, drop)
         n = self._n_logical
         books = self._token_pos[:n]

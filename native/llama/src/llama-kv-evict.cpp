@@ -65,6 +65,16 @@ int32_t llama_kv_restkv::seq_evict(llama_kv_cache & kv, llama_seq_id seq_id, con
     return n_removed;
 }
 
+// rows [from, from + n) of t copied over rows [to, to + n), through views: memcpy in host memory, a
+// copy on the device elsewhere, never a round trip through the host
+static void llama_kv_copy_rows(ggml_context * ctx, ggml_tensor * t, uint32_t from, uint32_t to, uint32_t n) {
+    ggml_tensor * src = ggml_view_2d(ctx, t, t->ne[0], n, t->nb[1], from*t->nb[1]);
+    ggml_tensor * dst = ggml_view_2d(ctx, t, t->ne[0], n, t->nb[1], to*t->nb[1]);
+    ggml_backend_view_init(src);
+    ggml_backend_view_init(dst);
+    ggml_backend_tensor_copy(src, dst);
+}
+
 int32_t llama_kv_restkv::stream_pack(llama_kv_cache & kv, uint32_t strm) {
     auto & cells = kv.v_cells[strm];
 
@@ -73,73 +83,92 @@ int32_t llama_kv_restkv::stream_pack(llama_kv_cache & kv, uint32_t strm) {
         return 0;
     }
     for (const auto & layer : kv.layers) {
-        const bool v_ok = layer.v == nullptr || ggml_blck_size(layer.v->type) == 1 || !kv.v_trans;
-        if (!ggml_backend_buffer_is_host(layer.k->buffer) || (layer.v && !ggml_backend_buffer_is_host(layer.v->buffer)) || !v_ok) {
-            return 0; // device memory: holes stay (attention masks them); moving rows there needs a graph
+        if (layer.v && kv.v_trans && ggml_blck_size(layer.v->type) != 1) {
+            return 0; // a transposed V is moved element by element
         }
     }
 
     const uint32_t n_used  = cells.get_used();
     const uint32_t kv_size = cells.size();
 
-    // pairs (from, to): the highest used cells into the lowest holes, until the used cells are [0, n_used)
-    std::vector<std::pair<uint32_t, uint32_t>> moves;
-    uint32_t to   = 0;
-    uint32_t from = kv_size;
-    while (true) {
-        while (to < n_used && !cells.is_empty(to)) {
-            ++to;
+    // the holes below n_used and the used cells above it, both ascending: cell src[i] moves to dst[i],
+    // so that the used cells become [0, n_used) and keep their order
+    std::vector<uint32_t> dst;
+    std::vector<uint32_t> src;
+    for (uint32_t i = 0; i < n_used; ++i) {
+        if (cells.is_empty(i)) {
+            dst.push_back(i);
         }
-        do {
-            --from;
-        } while (from > to && cells.is_empty(from));
-        if (to >= n_used || from <= to) {
-            break;
-        }
-        moves.emplace_back(from, to);
-        ++to;
     }
-    if (moves.empty()) {
+    for (uint32_t i = n_used; i < kv_size && src.size() < dst.size(); ++i) {
+        if (!cells.is_empty(i)) {
+            src.push_back(i);
+        }
+    }
+    if (dst.empty() || src.size() != dst.size()) {
+        return 0;
+    }
+
+    // runs of moves whose sources and destinations are both consecutive: one copy per run and tensor
+    std::vector<std::pair<size_t, uint32_t>> runs; // (first move, length)
+    for (size_t i = 0; i < src.size(); ++i) {
+        if (!runs.empty() && src[i] == src[i - 1] + 1 && dst[i] == dst[i - 1] + 1) {
+            runs.back().second++;
+        } else {
+            runs.emplace_back(i, 1);
+        }
+    }
+
+    // views only: a context of tensor headers, reset per tensor
+    ggml_init_params params = {
+        /*.mem_size   =*/ (2*runs.size() + 1)*ggml_tensor_overhead(),
+        /*.mem_buffer =*/ NULL,
+        /*.no_alloc   =*/ true,
+    };
+    ggml_context_ptr ctx(ggml_init(params));
+    if (!ctx) {
         return 0;
     }
 
     for (const auto & layer : kv.layers) {
         ggml_tensor * k = layer.k_stream[strm];
-        const size_t k_row = ggml_row_size(k->type, k->ne[0]);
-        for (const auto & mv : moves) {
-            memcpy((char *) k->data + mv.second*k->nb[1], (const char *) k->data + mv.first*k->nb[1], k_row);
+        for (const auto & run : runs) {
+            llama_kv_copy_rows(ctx.get(), k, src[run.first], dst[run.first], run.second);
         }
+        ggml_reset(ctx.get());
+
         ggml_tensor * v = layer.v ? layer.v_stream[strm] : nullptr;
         if (v == nullptr) {
             continue;
         }
         if (!kv.v_trans) {
-            const size_t v_row = ggml_row_size(v->type, v->ne[0]);
-            for (const auto & mv : moves) {
-                memcpy((char *) v->data + mv.second*v->nb[1], (const char *) v->data + mv.first*v->nb[1], v_row);
+            for (const auto & run : runs) {
+                llama_kv_copy_rows(ctx.get(), v, src[run.first], dst[run.first], run.second);
             }
+            ggml_reset(ctx.get());
         } else {
-            // transposed: element (cell, e) at e*kv_size + cell
+            // transposed: element (cell, e) at e*kv_size + cell, so a run is a row piece per channel
             const size_t  es       = ggml_type_size(v->type);
             const int64_t n_embd_v = kv.hparams.n_embd_v_gqa(layer.il);
             for (int64_t e = 0; e < n_embd_v; ++e) {
-                char * col = (char *) v->data + e*kv_size*es;
-                for (const auto & mv : moves) {
-                    memcpy(col + mv.second*es, col + mv.first*es, es);
+                ggml_tensor * col = ggml_view_2d(ctx.get(), v, 1, kv_size, es, e*kv_size*es); // one cell a row
+                for (const auto & run : runs) {
+                    llama_kv_copy_rows(ctx.get(), col, src[run.first], dst[run.first], run.second);
                 }
+                ggml_reset(ctx.get());
             }
         }
     }
 
-    for (const auto & mv : moves) {
-        const llama_kv_cells moved = cells.cp(std::vector<uint32_t>{ mv.first });
-        cells.rm(mv.first);
-        cells.set(std::vector<uint32_t>{ mv.second }, moved);
+    for (size_t i = 0; i < src.size(); ++i) {
+        const llama_kv_cells moved = cells.cp(std::vector<uint32_t>{ src[i] });
+        cells.rm(src[i]);
+        cells.set(std::vector<uint32_t>{ dst[i] }, moved);
     }
 
     kv.v_heads[strm] = n_used;
 
-    return (int32_t) moves.size();
+    return (int32_t) src.size();
 }
 
 // the position delta of a cell at pos under seq_remap()
