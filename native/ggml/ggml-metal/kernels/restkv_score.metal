@@ -9,13 +9,18 @@
 // One difference in memory: Apple GPUs allow 32 KiB of threadgroup memory, less than the tiles plus
 // the histograms (45 KiB, CUDA's layout), so attn's shared histograms reuse the tiles' memory once
 // the tile product is done (one more barrier per row tile).
-// Named restkv_score.metal (not restkv-score): the per-kind library table in ggml-metal-device.m
-// uses the file name as a C identifier.
+// These kernels are a library of their own, compiled at run time from the text that
+// ../restkv-score.cmake embeds (this file with the two quoted includes below inlined), never part
+// of ggml's Metal library: see ../restkv-score-metal.h. Hence no "common.h" and nothing from it.
 
-#include "common.h"
+#include <metal_stdlib>
+
+using namespace metal;
+
+#include "restkv-score-metal.h"
 #include "restkv-score-common.h"
 
-#define RESTKV_NT    256
+#define RESTKV_NT    RESTKV_METAL_NT // the host dispatches this many threads per threadgroup
 #define RESTKV_TR    32
 #define RESTKV_TC    128
 #define RESTKV_KC    32
@@ -382,7 +387,7 @@ kernel void kernel_restkv_score_head(
     device const uint32_t * hist  = (device const uint32_t *) (out + RESTKV_OFF_HIST(a.n_kv, a.n_row, a.dv));
     device const uint32_t * hist2 = (device const uint32_t *) (out + RESTKV_OFF_HIST2(a.n_kv, a.n_row, a.dv));
 
-    const int half = a.n_row/2;
+    const int n_front = a.n_row/2; // rows [0, n_front) are the front (not "half": a type in MSL)
 
     float ogo   = 0.0f;
     float front = 0.0f;
@@ -398,7 +403,7 @@ kernel void kernel_restkv_score_head(
     if (a.n_select > 0) {
         for (int r = tid; r < a.n_row; r += RESTKV_NT) {
             const float m = restkv_hist_topk_mean2(hist + 3*RESTKV_HIST_BINS*r, hist2 + 3*RESTKV_HIST_BINS*r, a.n_select);
-            if (r < half) {
+            if (r < n_front) {
                 front += m;
             } else {
                 rear += m;
@@ -425,8 +430,8 @@ kernel void kernel_restkv_score_head(
             rear  += red[2][w];
         }
         out[RESTKV_OFF_OGO(a.n_kv, a.n_row, a.dv)] = ogo;
-        out[RESTKV_OFF_TPOS(a.n_kv) + 0] = a.n_select > 0 && half > 0 ? front/half : NAN;
-        out[RESTKV_OFF_TPOS(a.n_kv) + 1] = a.n_select > 0 && half > 0 ? rear/(a.n_row - half) : NAN;
+        out[RESTKV_OFF_TPOS(a.n_kv) + 0] = a.n_select > 0 && n_front > 0 ? front/n_front : NAN;
+        out[RESTKV_OFF_TPOS(a.n_kv) + 1] = a.n_select > 0 && n_front > 0 ? rear/(a.n_row - n_front) : NAN;
     }
 }
 
