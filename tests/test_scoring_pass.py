@@ -1,4 +1,4 @@
-"""The native scoring pass (patches/0002, 0004, 0006) against the NumPy reference (pyrestkv/reference.py),
+"""The native scoring pass (native/llama/src/llama-kv-score.cpp) against the NumPy reference (pyrestkv/reference.py),
 on Q/K/V taken from the real model's cache for a real prompt and W_O read from the GGUF file. Both
 implementations are held to it: the fused op (GGML_OP_RESTKV_SCORE, native/ggml, the CPU code that
 the CUDA and Metal kernels mirror) and the composed graph of ordinary ggml ops; so is the attention
@@ -67,6 +67,33 @@ def test_f16_cache_matches_reference(model_path, gguf, flash_attn, kernel):
         ref = R.restkv_scores(q, qpos, k, v, kpos, gram_from_gguf(gguf, il), N_HEAD_KV, D**-0.5, ALPHA, qpos[0])
         errors.append(relative_error(scores[il], ref))
     print(f"\nf16 cache, flash_attn={flash_attn}, {kernel}: relative errors {errors}")
+    assert max(errors) <= 1e-3
+    llm.close()
+
+
+@pytest.mark.parametrize("kernel", ["fused", "composed"])
+def test_f32_cache_with_transposed_v_matches_reference(model_path, gguf, kernel):
+    """An f32 cache with flash attention off stores V transposed in f32: the debug read converts it by
+    its type (it once read it as f16 and overran its buffer), and both paths score it."""
+    f32 = llama_cpp.GGML_TYPE_F32
+    llm, ctx = scored_model(model_path, flash_attn=False, type_k=f32, type_v=f32)
+    B.set_score_kernel(ctx, kernel)
+    pos, scores, _ = B.seq_score(ctx, llm._mem, ALPHA, 0)
+    assert B.score_n_fused(ctx) == (30 if kernel == "fused" else 0)
+    # layer 0's values depend on the tokens alone: the f16 cache holds the same numbers, rounded
+    f16_llm, f16_ctx = scored_model(model_path, flash_attn=False)
+    v32, _ = B.debug_tensor(ctx, 0, B.DEBUG_V)
+    v16, _ = B.debug_tensor(f16_ctx, 0, B.DEBUG_V)
+    f16_llm.close()
+    assert v32.shape == v16.shape and np.abs(v32).max() > 0
+    np.testing.assert_allclose(v32, v16, rtol=2e-3, atol=2e-3)
+    errors = []
+    for il in LAYERS:
+        q, qpos, k, v, kpos = read_layer(ctx, il)
+        assert np.array_equal(kpos, pos)
+        ref = R.restkv_scores(q, qpos, k, v, kpos, gram_from_gguf(gguf, il), N_HEAD_KV, D**-0.5, ALPHA, qpos[0])
+        errors.append(relative_error(scores[il], ref))
+    print(f"\nf32 cache, V transposed, {kernel}: relative errors {errors}")
     assert max(errors) <= 1e-3
     llm.close()
 
