@@ -52,11 +52,8 @@ def test_gram_matrices_are_the_output_projection(model_path, gguf):
     llm.close()
 
 
-@pytest.mark.parametrize("kernel", ["fused", "composed"])
-@pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
-def test_f16_cache_matches_reference(model_path, gguf, flash_attn, kernel):
-    # flash attention off stores V transposed: the fused op reads it through a permuted view
-    llm, ctx = scored_model(model_path, flash_attn=flash_attn)
+def float_cache_errors(llm, ctx, gguf, kernel):
+    """The relative error of each of LAYERS' scores against the reference, for an f16 or f32 cache."""
     B.set_score_kernel(ctx, kernel)
     pos, scores, _ = B.seq_score(ctx, llm._mem, ALPHA, 0)
     assert B.score_n_fused(ctx) == (30 if kernel == "fused" else 0)
@@ -66,6 +63,15 @@ def test_f16_cache_matches_reference(model_path, gguf, flash_attn, kernel):
         assert np.array_equal(kpos, pos)
         ref = R.restkv_scores(q, qpos, k, v, kpos, gram_from_gguf(gguf, il), N_HEAD_KV, D**-0.5, ALPHA, qpos[0])
         errors.append(relative_error(scores[il], ref))
+    return errors
+
+
+@pytest.mark.parametrize("kernel", ["fused", "composed"])
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
+def test_f16_cache_matches_reference(model_path, gguf, flash_attn, kernel):
+    # flash attention off stores V transposed: the fused op reads it through a permuted view
+    llm, ctx = scored_model(model_path, flash_attn=flash_attn)
+    errors = float_cache_errors(llm, ctx, gguf, kernel)
     print(f"\nf16 cache, flash_attn={flash_attn}, {kernel}: relative errors {errors}")
     assert max(errors) <= 1e-3
     llm.close()
@@ -77,9 +83,6 @@ def test_f32_cache_with_transposed_v_matches_reference(model_path, gguf, kernel)
     its type (it once read it as f16 and overran its buffer), and both paths score it."""
     f32 = llama_cpp.GGML_TYPE_F32
     llm, ctx = scored_model(model_path, flash_attn=False, type_k=f32, type_v=f32)
-    B.set_score_kernel(ctx, kernel)
-    pos, scores, _ = B.seq_score(ctx, llm._mem, ALPHA, 0)
-    assert B.score_n_fused(ctx) == (30 if kernel == "fused" else 0)
     # layer 0's values depend on the tokens alone: the f16 cache holds the same numbers, rounded
     f16_llm, f16_ctx = scored_model(model_path, flash_attn=False)
     v32, _ = B.debug_tensor(ctx, 0, B.DEBUG_V)
@@ -87,12 +90,7 @@ def test_f32_cache_with_transposed_v_matches_reference(model_path, gguf, kernel)
     f16_llm.close()
     assert v32.shape == v16.shape and np.abs(v32).max() > 0
     np.testing.assert_allclose(v32, v16, rtol=2e-3, atol=2e-3)
-    errors = []
-    for il in LAYERS:
-        q, qpos, k, v, kpos = read_layer(ctx, il)
-        assert np.array_equal(kpos, pos)
-        ref = R.restkv_scores(q, qpos, k, v, kpos, gram_from_gguf(gguf, il), N_HEAD_KV, D**-0.5, ALPHA, qpos[0])
-        errors.append(relative_error(scores[il], ref))
+    errors = float_cache_errors(llm, ctx, gguf, kernel)
     print(f"\nf32 cache, V transposed, {kernel}: relative errors {errors}")
     assert max(errors) <= 1e-3
     llm.close()
