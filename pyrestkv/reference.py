@@ -1,7 +1,8 @@
 """A readable NumPy reference of the ReST-KV policy math. Tests hold the native code against it.
 
 Each function mirrors one step of `native/restkv_policy.h`; arrays are in cache position order.
-The formulas follow the official ReST-KV code (see ../shared/docs/restkv-algorithm.md, section 1.3).
+The formulas follow the ReST-KV paper (ICLR 2026) and its official code, quirks included (see
+`aws_params`); each function's docstring states what it computes.
 """
 
 from __future__ import annotations
