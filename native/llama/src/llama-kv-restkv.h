@@ -1,9 +1,10 @@
 // pyrestkv inside llama.cpp: eviction (llama-kv-evict.cpp), the query window captured inside the
 // normal graph (llama-kv-query-window.cpp) and the ReST-KV scoring pass (llama-kv-score.cpp).
 //
-// llama_kv_cache owns one llama_kv_restkv through its `restkv` pointer (created when the query window
-// is first set) and names it a friend, as do llama_kv_cache_context and llama_context: our code reads
-// the cells and layers directly, and upstream files carry only the hooks (see patches/).
+// llama_kv_cache owns one llama_kv_restkv through its `restkv` pointer (created by the first call that
+// sets the query window or the scoring mode) and names it a friend, as do llama_kv_cache_context and
+// llama_context: our code reads the cells and layers directly, and upstream files carry only the hooks
+// (see patches/).
 
 #pragma once
 
