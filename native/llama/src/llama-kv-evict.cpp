@@ -65,9 +65,15 @@ int32_t llama_kv_restkv::seq_evict(llama_kv_cache & kv, llama_seq_id seq_id, con
     return n_removed;
 }
 
-// rows [from, from + n) of t copied over rows [to, to + n), through views: memcpy in host memory, a
-// copy on the device elsewhere, never a round trip through the host
+// rows [from, from + n) of t copied over rows [to, to + n): memcpy in host memory; elsewhere a copy on
+// the device through views, never a round trip through the host
 static void llama_kv_copy_rows(ggml_context * ctx, ggml_tensor * t, uint32_t from, uint32_t to, uint32_t n) {
+    const ggml_tensor * base = t->view_src ? t->view_src : t;
+    if (ggml_backend_buffer_is_host(base->buffer)) {
+        const size_t nbytes = (n - 1)*t->nb[1] + ggml_row_size(t->type, t->ne[0]);
+        memcpy((char *) t->data + to*t->nb[1], (const char *) t->data + from*t->nb[1], nbytes);
+        return;
+    }
     ggml_tensor * src = ggml_view_2d(ctx, t, t->ne[0], n, t->nb[1], from*t->nb[1]);
     ggml_tensor * dst = ggml_view_2d(ctx, t, t->ne[0], n, t->nb[1], to*t->nb[1]);
     ggml_backend_view_init(src);
