@@ -10,12 +10,13 @@ scoring policy asks of the scoring pass leaves once, as its `scoring()` spec.
   full    keep everything; a full cache is an error (llama-cpp-python's behaviour)
   shift   llama.cpp's context shift: keep the first n_keep tokens, drop n_discard of the rest
           (default half), re-position the remainder (one K-shift)
-  restkv  ReST-KV: score every cell on the cache's device (scoring pass in patches/0002), smooth
-          and aggregate on the host (native/restkv_policy), keep the best kv_budget cells
+  restkv  ReST-KV: score every cell on the cache's device (the scoring pass,
+          native/llama/src/llama-kv-score.cpp), smooth and aggregate on the host
+          (native/restkv_policy), keep the best kv_budget cells
 
 Baselines, under the same budget, window, sink tokens and eviction schedule as restkv, so that a
 comparison isolates the rule that rates the cells. The three that score read the averaged attention
-from the same scoring pass (patches/0006), with the same pinned question rows where kv_query asks
+from the same scoring pass (llama_kv_set_score_output), with the same pinned question rows where kv_query asks
 for them, and aggregate across heads and layers as restkv does:
   snapkv     mean attention of the scoring rows, box-smoothed over 5 positions (SnapKV)
   h2o        attention of the scoring rows, accumulated over every pass a cell lived through (H2O)
@@ -75,8 +76,8 @@ class ModelInfo:
 class ScoringSpec:
     """What a scoring policy asks of the scoring pass; the Llama applies it once, at bind time."""
 
-    window: int  # recent queries captured as scoring rows (patches/0002)
-    output: str  # "restkv" (ReST-KV's score) or "attention" (the rows' averaged attention, patches/0006)
+    window: int  # recent queries captured as scoring rows (the query window)
+    output: str  # "restkv" (ReST-KV's score) or "attention" (the rows' averaged attention)
     rows: str  # how the rows are averaged: "ema", "mean" or "last" (the newest row alone)
     op: str  # how the pass runs: "auto", "fused" (one ggml op per layer) or "composed" (ordinary ops)
     alpha: float = 0.3  # EMA weight of the newest row, for rows "ema"
@@ -338,7 +339,7 @@ class ScoredPolicy(BudgetPolicy):
     cell (what `score_output` and `score_rows` ask for), smoothed over neighbouring positions,
     averaged over each KV head's query heads, summed over KV heads, then aggregated over layers."""
 
-    #: what the scoring pass returns to this policy, and how it averages its rows (patches/0006)
+    #: what the scoring pass returns to this policy, and how it averages its rows
     score_output: ClassVar[str] = "restkv"
     score_rows: ClassVar[str] = "ema"
 
