@@ -440,15 +440,20 @@ class Llama(llama_cpp.Llama):
 
     # ------------------------------------------------------------------ the main job
 
-    def ask(self, document, question: str, *, max_tokens: int = 128, layout: str = "after",
-            question_queries: str = "tail", stream=None, temperature: float = 0.0):
+    def ask(self, document=None, question: Optional[str] = None, *, text: Optional[str] = None, path=None,
+            max_tokens: int = 128, layout: str = "after", question_queries: str = "tail", stream=None,
+            temperature: float = 0.0):
         """Read a document of any length under this Llama's kv_budget, with eviction guided by the
         question, then answer it.
 
         Args:
-            document: the text, or a path to a text file (a path object, or a string naming an
-                existing file).
+            document: the text, or a file: a path object, or a one-line string naming an existing
+                file. A one-line string that looks like a path ("report.txt", "notes/a") but names
+                no file raises FileNotFoundError; `text=` and `path=` say which it is instead.
             question: the question.
+            text: the document's text, read as text whatever it looks like (instead of document).
+            path: the document's file (instead of document): .txt, .md and other text files,
+                .pdf (needs pyrestkv[pdf]), .html/.htm (needs pyrestkv[html]).
             max_tokens: longest answer.
             layout: "after" (the question follows the document; default), "before" or "both".
             question_queries: which queries score the cache while the document is read (policies
@@ -459,10 +464,13 @@ class Llama(llama_cpp.Llama):
             temperature: 0 for greedy answers.
         The prompt uses the model's chat template when it has one. Returns a pyrestkv.qa.AskResult:
         answer, kv_stats, tokens_read, answer_tokens, seconds.
+
+            llm.ask("report.pdf", "What was the total revenue in 2023?")
+            llm.ask(text=notes, question="Who signed the lease?")
         """
         from .qa import ask
 
-        return ask(self, document, question, max_tokens=max_tokens, layout=layout,
+        return ask(self, document, question, text=text, path=path, max_tokens=max_tokens, layout=layout,
                    question_queries=question_queries, stream=stream, temperature=temperature)
 
     # ------------------------------------------------------------------ stats

@@ -47,7 +47,7 @@ def test_policy_choices_come_from_the_registry(capsys):
     "args, message",
     [
         (["--doc", "/nonexistent.txt", "q"], "document not found"),
-        (["--doc", "{dir}", "q"], "must be a text file"),
+        (["--doc", "{dir}", "q"], "must be a text, Markdown, PDF or HTML file"),
         (["--doc", "{empty}", "q"], "is empty"),
         (["--doc", "{empty}", "--kv-budget", "0", "q"], "must be a positive integer"),
         (["--doc", "{empty}", "--kv-policy", "lru", "q"], "invalid choice"),
