@@ -55,6 +55,11 @@ class _LogitsRing(np.ndarray):
         for name in ("first", "end", "token0", "policy_name"):
             setattr(self, name, getattr(obj, name, getattr(_LogitsRing, name)))
 
+    def __repr__(self) -> str:
+        return f"logits of tokens {self.first}..{self.end - 1}, ring rows t % {len(self)}:\n{np.asarray(self)!r}"
+
+    __str__ = __repr__
+
     def _like_self(self, array):
         view = array.view(_LogitsRing)
         view.__array_finalize__(self)
@@ -525,11 +530,15 @@ class Llama(llama_cpp.Llama):
             saved = state.scores
             state = copy.copy(state)
             state.scores = saved[: min(state.n_tokens, len(saved))]  # the rows llama_cpp's load_state copies
-            self.n_tokens = state.n_tokens  # (and it reads past them, which must be no token's)
-        super().load_state(state)
-        if self._logits_ring:
+            self._logits_ring = False  # it writes the plain rows, by row; the ring is put back below
+            try:
+                super().load_state(state)
+            finally:
+                self._logits_ring = True
             self._score_rows[:] = saved
             self._logits_first, self._token0_logits = ring
+        else:
+            super().load_state(state)
         self._ensure_capacity(len(self.input_ids))
         books = getattr(state, "pyrestkv_books", None)
         if books is None:  # saved by plain llama_cpp: positions are token indices
