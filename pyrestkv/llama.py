@@ -9,12 +9,16 @@ Everything llama-cpp-python offers works unchanged. What differs:
   once evicted.
 * Prefix reuse between calls only reuses the leading tokens that are still cached at their original
   positions; anything after the first eviction is decoded again.
+* With logits_all=True and an evicting policy, `self.scores` is a ring of the logits of the last
+  n_ctx tokens (see _LogitsRing), indexed by token, not a row for every token of the stream.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import time
+from collections import deque
 from contextlib import contextmanager
 from typing import Optional, Sequence, Union
 
@@ -30,6 +34,70 @@ llama_cpp = load_llama_cpp()
 # the logical window of an evicting policy: prompts and generations are limited by the policy, not
 # by n_ctx. llama-cpp-python reads max_tokens <= 0 as "up to the window", i.e. until EOS here.
 _UNBOUNDED_CTX = 2**31 - 1
+
+
+class _LogitsRing(np.ndarray):
+    """Llama.scores under an evicting policy with logits_all=True: the ring of the logits of the
+    last len(ring) tokens, indexed by token like llama-cpp-python's (tokens x vocabulary) array.
+
+    Token t (t < 0 counts from the end) is ring row t % len(ring), held while t >= first; as a
+    whole (shape, nbytes, np.argmax) it is the ring's rows in ring order. What llama-cpp-python
+    reads from it (as _scores) works: a row (streamed logprobs, stopping criteria), and
+    logits_to_logprobs(_scores)[offset:] (a completion's logprobs), whose ufuncs act row by row and
+    so keep the token numbering (__array_ufunc__). A token no longer held is an IndexError."""
+
+    first: int = 0  # the earliest token whose row is held
+    end: int = 0  # self.n_tokens: one past the last token
+    token0 = None  # token 0's row, kept apart: llama-cpp-python's stopping criteria read _scores[0]
+    policy_name = ""
+
+    def __array_finalize__(self, obj) -> None:
+        for name in ("first", "end", "token0", "policy_name"):
+            setattr(self, name, getattr(obj, name, getattr(_LogitsRing, name)))
+
+    def __repr__(self) -> str:
+        return f"logits of tokens {self.first}..{self.end - 1}, ring rows t % {len(self)}:\n{np.asarray(self)!r}"
+
+    __str__ = __repr__
+
+    def _like_self(self, array):
+        view = array.view(_LogitsRing)
+        view.__array_finalize__(self)
+        return view
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        plain = [np.asarray(x) if isinstance(x, _LogitsRing) else x for x in inputs]
+        if "out" in kwargs:
+            kwargs["out"] = tuple(np.asarray(x) if isinstance(x, _LogitsRing) else x for x in kwargs["out"])
+        result = getattr(ufunc, method)(*plain, **kwargs)
+        if isinstance(result, np.ndarray) and result.ndim == 2 and result.shape[0] == self.shape[0]:
+            return self._like_self(result)  # still one row per ring row
+        return result
+
+    def _check_held(self, tokens) -> None:
+        missing = [t for t in tokens if not self.first <= t < self.end]
+        if missing:
+            raise IndexError(
+                f"the logits of token {missing[0]} are no longer kept: with kv_policy={self.policy_name!r} and "
+                f"logits_all=True, the Llama keeps those of the last {len(self)} tokens (n_ctx), tokens "
+                f"{self.first}..{self.end - 1} now. That covers logprobs of generated tokens; logprobs of a "
+                "longer stretch (echo=True over a long prompt) need kv_policy='full'"
+            )
+
+    def __getitem__(self, key):
+        rows, rest = (key[0], key[1:]) if isinstance(key, tuple) and key else (key, ())
+        ring = np.asarray(self)
+        if isinstance(rows, (int, np.integer)) and not isinstance(rows, bool):
+            t = int(rows) + self.end if rows < 0 else int(rows)
+            if t == 0 and self.token0 is not None and self.first > 0:
+                return self.token0[rest]
+            self._check_held([t])
+            return ring[(t % len(ring),) + rest]
+        if isinstance(rows, slice):
+            tokens = range(*rows.indices(self.end))
+            self._check_held(tokens)
+            return ring[(np.asarray(tokens, dtype=np.int64) % len(ring),) + rest]
+        return super().__getitem__(key)  # masks and the like, as numpy's own operations use them
 
 
 def _check_model_file(model_path) -> None:
@@ -156,6 +224,14 @@ class Llama(llama_cpp.Llama):
         if policy.evicts:
             # prompts and generations are bounded by the policy, not by the number of cells
             self._n_ctx = _UNBOUNDED_CTX
+        # logits_all: llama-cpp-python keeps a row of logits per token (n_ctx rows). A document longer
+        # than the cache would grow that with its length (tokens x vocabulary floats), so an evicting
+        # policy keeps a ring of the last n_ctx rows instead: what sampling and logprobs read
+        self._logits_ring = bool(self._logits_all and policy.evicts)
+        if self._logits_ring:
+            self.scores = np.zeros((self.n_ctx(), self._n_vocab), dtype=np.single)  # pages come as rows are written
+            self._logits_first = 0  # the earliest token whose row the ring holds
+            self._token0_logits = None
 
         self._probe_override = None  # kv_probe's query while its block runs
         self._token_pos = np.full(len(self.input_ids), -1, dtype=np.int32)
@@ -192,7 +268,8 @@ class Llama(llama_cpp.Llama):
         self._token_pos = pos
 
     def _ensure_score_rows(self, n: int) -> None:
-        if self._logits_all and n > self.scores.shape[0]:
+        # kv_policy="full" with cells freed by kv_evict: the rows grow as llama-cpp-python's would need
+        if self._logits_all and not self._logits_ring and n > self.scores.shape[0]:
             rows = max(n, 2 * self.scores.shape[0])
             scores = np.zeros((rows, self._n_vocab), dtype=self.scores.dtype)
             scores[: self.scores.shape[0]] = self.scores
@@ -377,7 +454,9 @@ class Llama(llama_cpp.Llama):
         self._ctx.decode(self._batch)
         self.input_ids[n_past : n_past + n] = chunk
         self._token_pos[n_past : n_past + n] = np.arange(self._pos_next, self._pos_next + n, dtype=np.int32)
-        if self._logits_all:
+        if self._logits_ring:
+            self._store_ring_rows(n_past, np.ctypeslib.as_array(self._ctx.get_logits(), shape=(n, self._n_vocab)))
+        elif self._logits_all:
             logits = np.ctypeslib.as_array(self._ctx.get_logits(), shape=(n * self._n_vocab,))
             self.scores[n_past : n_past + n, :].reshape(-1)[::] = logits
         self.n_tokens += n
@@ -386,6 +465,44 @@ class Llama(llama_cpp.Llama):
         self._requires_eval = False
         self._stats["tokens_seen"] += n
         self._stats["cells_peak"] = max(self._stats["cells_peak"], self._cells_used())
+
+    def _store_ring_rows(self, n_past: int, logits: np.ndarray) -> None:
+        """The logits of tokens n_past.., into the ring (rows t % n_ctx)."""
+        ring = len(self._score_rows)
+        if n_past == 0:
+            self._token0_logits = logits[0].copy()
+        # rows before n_past stay held unless the stream was truncated below them
+        first = self._logits_first if self._logits_first <= n_past else n_past
+        kept = logits[-ring:]  # a chunk longer than the ring keeps its last rows
+        start = n_past + len(logits) - len(kept)
+        self._score_rows[np.arange(start, start + len(kept)) % ring] = kept
+        self._logits_first = max(first, n_past + len(logits) - ring)
+
+    @property
+    def scores(self):
+        """The logits, a row per token (logits_all=True): llama-cpp-python's array, or with an
+        evicting policy the ring of the last n_ctx tokens' rows, still indexed by token (_LogitsRing)."""
+        if not getattr(self, "_logits_ring", False):
+            return self._score_rows
+        rows = self._score_rows.view(_LogitsRing)
+        rows.first, rows.end = min(self._logits_first, self.n_tokens), self.n_tokens
+        rows.token0, rows.policy_name = self._token0_logits, self.kv_policy.name
+        return rows
+
+    @scores.setter
+    def scores(self, rows: np.ndarray) -> None:
+        self._score_rows = rows
+
+    @property
+    def _scores(self):
+        # llama-cpp-python reads the logits here: the rows of the tokens so far, or the ring by token
+        return self.scores if getattr(self, "_logits_ring", False) else self._score_rows[: self.n_tokens, :]
+
+    @property
+    def eval_logits(self):
+        if not getattr(self, "_logits_ring", False):
+            return super().eval_logits
+        return deque(self._scores[min(self._logits_first, self.n_tokens) :].tolist())  # the rows held
 
     def generate(self, tokens: Sequence[int], *args, **kwargs):
         # llama_cpp reuses the longest common prefix by truncating at a position; that is only
@@ -400,10 +517,28 @@ class Llama(llama_cpp.Llama):
     def save_state(self):
         state = super().save_state()
         state.pyrestkv_books = (self._token_pos[: self._n_logical].copy(), self._pos_next, self._n_logical)
+        if self._logits_ring:
+            state.scores = self._score_rows.copy()  # the ring, row for row
+            state.pyrestkv_logits = (self._logits_first, self._token0_logits)
         return state
 
     def load_state(self, state) -> None:
-        super().load_state(state)
+        ring = getattr(state, "pyrestkv_logits", None)
+        if self._logits_ring:
+            if ring is None or state.scores.shape != self.scores.shape:
+                raise ValueError("this state was not saved by a Llama with the same n_ctx, kv_policy and logits_all")
+            saved = state.scores
+            state = copy.copy(state)
+            state.scores = saved[: min(state.n_tokens, len(saved))]  # the rows llama_cpp's load_state copies
+            self._logits_ring = False  # it writes the plain rows, by row; the ring is put back below
+            try:
+                super().load_state(state)
+            finally:
+                self._logits_ring = True
+            self._score_rows[:] = saved
+            self._logits_first, self._token0_logits = ring
+        else:
+            super().load_state(state)
         self._ensure_capacity(len(self.input_ids))
         books = getattr(state, "pyrestkv_books", None)
         if books is None:  # saved by plain llama_cpp: positions are token indices
@@ -440,15 +575,20 @@ class Llama(llama_cpp.Llama):
 
     # ------------------------------------------------------------------ the main job
 
-    def ask(self, document, question: str, *, max_tokens: int = 128, layout: str = "after",
-            question_queries: str = "tail", stream=None, temperature: float = 0.0):
+    def ask(self, document=None, question: Optional[str] = None, *, text: Optional[str] = None, path=None,
+            max_tokens: int = 128, layout: str = "after", question_queries: str = "tail", stream=None,
+            temperature: float = 0.0):
         """Read a document of any length under this Llama's kv_budget, with eviction guided by the
         question, then answer it.
 
         Args:
-            document: the text, or a path to a text file (a path object, or a string naming an
-                existing file).
+            document: the text, or a file: a path object, or a one-line string naming an existing
+                file. A one-line string that looks like a path ("report.txt", "notes/a") but names
+                no file raises FileNotFoundError; `text=` and `path=` say which it is instead.
             question: the question.
+            text: the document's text, read as text whatever it looks like (instead of document).
+            path: the document's file (instead of document): .txt, .md and other text files,
+                .pdf (needs pyrestkv[pdf]), .html/.htm (needs pyrestkv[html]).
             max_tokens: longest answer.
             layout: "after" (the question follows the document; default), "before" or "both".
             question_queries: which queries score the cache while the document is read (policies
@@ -459,10 +599,13 @@ class Llama(llama_cpp.Llama):
             temperature: 0 for greedy answers.
         The prompt uses the model's chat template when it has one. Returns a pyrestkv.qa.AskResult:
         answer, kv_stats, tokens_read, answer_tokens, seconds.
+
+            llm.ask("report.pdf", "What was the total revenue in 2023?")
+            llm.ask(text=notes, question="Who signed the lease?")
         """
         from .qa import ask
 
-        return ask(self, document, question, max_tokens=max_tokens, layout=layout,
+        return ask(self, document, question, text=text, path=path, max_tokens=max_tokens, layout=layout,
                    question_queries=question_queries, stream=stream, temperature=temperature)
 
     # ------------------------------------------------------------------ stats

@@ -14,12 +14,12 @@ eviction guided by the question, then answer. The defaults were measured on the 
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Callable, Optional, Union
 
+from .documents import read_document  # noqa: F401  (part of this module's API)
 from .policies import BudgetPolicy
 
 QA_INSTRUCTION = "Read the document below, then answer the question."
@@ -42,24 +42,6 @@ class AskResult:
 
     def __str__(self) -> str:
         return self.answer
-
-
-def read_document(document: Union[str, os.PathLike]) -> str:
-    """The document's text: `document` itself, or the file it names (a path object, or a string
-    that names an existing file and has no line break)."""
-    if isinstance(document, os.PathLike) or (
-        isinstance(document, str) and "\n" not in document and len(document) < 4096 and os.path.isfile(document)
-    ):
-        path = os.fspath(document)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"document not found: {path}")
-        if not os.path.isfile(path):
-            raise ValueError(f"the document must be a text file, not a directory: {path}")
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-    if not isinstance(document, str):
-        raise TypeError(f"document must be text or a path, got {type(document).__name__}")
-    return document
 
 
 def qa_messages(document: str, question: str, layout: str = "after") -> list:
@@ -103,15 +85,17 @@ def resolve_budget(budget: Union[int, float, str], n_doc_tokens: int) -> int:
     return max(MIN_BUDGET, int(round(frac * n_doc_tokens)))
 
 
-def ask(llm, document, question: str, *, max_tokens: int = 128, layout: str = "after",
-        question_queries: str = "tail", stream: Optional[Callable[[str], None]] = None,
-        temperature: float = 0.0) -> AskResult:
+def ask(llm, document=None, question: Optional[str] = None, *, text: Optional[str] = None, path=None,
+        max_tokens: int = 128, layout: str = "after", question_queries: str = "tail",
+        stream: Optional[Callable[[str], None]] = None, temperature: float = 0.0) -> AskResult:
     """See Llama.ask."""
-    text = read_document(document)
-    if not text.strip():
-        raise ValueError("the document is empty")
+    if question is None:
+        raise TypeError("ask() needs a question: ask(document, question), or ask(text=..., question=...)")
     if not isinstance(question, str) or not question.strip():
         raise ValueError("the question is empty")
+    text = read_document(document, text=text, path=path)
+    if not text.strip():
+        raise ValueError("the document is empty")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if question_queries not in QUESTION_QUERIES:

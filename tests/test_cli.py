@@ -1,5 +1,6 @@
 """`pyrestkv ask`, the main job, on a short document."""
 
+import html
 import subprocess
 import sys
 
@@ -7,6 +8,7 @@ import pytest
 
 from pyrestkv.cli import main
 from pyrestkv.haystack import make_document
+from test_documents import write_pdf
 
 
 def test_ask_answers_from_a_document(tmp_path, capsys):
@@ -24,6 +26,27 @@ def test_ask_answers_from_a_document(tmp_path, capsys):
     assert "Marigold" in out
     assert "[kv]          policy: restkv" in err and "scoring_passes" in err
     assert "[kv]           n_ctx: 768" in err and "[kv]          budget: 256" in err
+
+
+def test_ask_reads_an_html_page(tmp_path, capsys):
+    import pyrestkv
+
+    llm = pyrestkv.Llama(pyrestkv.default_model_path(), n_ctx=512, verbose=False)
+    doc = make_document(llm, 400, [(0.5, "Important note: the rescue ship was called the Marigold.")], seed=3)
+    llm.close()
+    page = tmp_path / "log.html"
+    page.write_text(f"<html><head><script>var ship = 'Titanic';</script></head><body><p>{html.escape(doc)}</p></body></html>")
+    assert main(["ask", "--doc", str(page), "--kv-budget", "256", "--n-batch", "256", "--max-tokens", "16",
+                 "What was the rescue ship called?"]) == 0
+    out, err = capsys.readouterr()
+    assert "Marigold" in out and "[kv]          policy: restkv" in err
+
+
+def test_ask_names_the_missing_extra(tmp_path, monkeypatch):
+    pdf = write_pdf(tmp_path / "report.pdf", ["The revenue was 12 million."])
+    monkeypatch.setitem(sys.modules, "pypdf", None)
+    with pytest.raises(SystemExit, match=r'reading report.pdf needs pypdf.*pip install "pyrestkv\[pdf\]"'):
+        main(["ask", "--doc", str(pdf), "What was the revenue?"])
 
 
 def test_ask_checks_n_ctx_against_the_budget(tmp_path):
@@ -47,8 +70,9 @@ def test_policy_choices_come_from_the_registry(capsys):
     "args, message",
     [
         (["--doc", "/nonexistent.txt", "q"], "document not found"),
-        (["--doc", "{dir}", "q"], "must be a text file"),
+        (["--doc", "{dir}", "q"], "must be a text, Markdown, PDF or HTML file"),
         (["--doc", "{empty}", "q"], "is empty"),
+        (["--doc", "{scan}", "q"], "no text could be extracted from scan.pdf; is it a scan?"),
         (["--doc", "{empty}", "--kv-budget", "0", "q"], "must be a positive integer"),
         (["--doc", "{empty}", "--kv-policy", "lru", "q"], "invalid choice"),
     ],
@@ -56,7 +80,8 @@ def test_policy_choices_come_from_the_registry(capsys):
 def test_ask_rejects_bad_input(tmp_path, args, message):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    args = [a.format(dir=tmp_path, empty=empty) for a in args]
+    scan = write_pdf(tmp_path / "scan.pdf", [])
+    args = [a.format(dir=tmp_path, empty=empty, scan=scan) for a in args]
     proc = subprocess.run([sys.executable, "-m", "pyrestkv.cli", "ask", *args], capture_output=True, text=True)
     assert proc.returncode != 0
     assert message in proc.stderr

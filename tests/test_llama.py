@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import pyrestkv
@@ -137,3 +138,59 @@ def test_kv_keywords_with_a_policy_instance_are_an_error(model_path):
         open_llama(model_path, kv_policy=SnapKVPolicy(), kv_budget=256, kv_window=16)
     with pytest.raises(TypeError, match="not the class"):
         open_llama(model_path, kv_policy=SnapKVPolicy)
+
+
+def test_logits_all_keeps_the_last_n_ctx_rows_under_eviction(model_path):
+    """logits_all=True keeps a row of logits per token; an evicting policy keeps the last n_ctx rows
+    only, so a document longer than the cache does not grow them, and logprobs still work."""
+    llm = open_llama(model_path, kv_policy="restkv", kv_budget=256, n_batch=256, logits_all=True)
+    n_ctx, n_vocab = llm.n_ctx(), llm.n_vocab()
+    prompt = make_document(llm, 3000, [(0.5, "Important note: the rescue ship was called the Marigold.")], seed=4)
+    prompt += "\n\nQuestion: What was the rescue ship called?\nAnswer: The rescue ship was called the"
+    out = llm.create_completion(prompt, max_tokens=6, temperature=0.0, logprobs=3)
+    assert llm.n_tokens > 5 * n_ctx and llm.kv_stats()["evictions"] > 0
+    # as much as llama-cpp-python allocates for n_ctx tokens, whatever the document's length
+    assert llm.scores.shape == (n_ctx, n_vocab) and llm.scores.nbytes == n_ctx * n_vocab * 4
+    logprobs = out["choices"][0]["logprobs"]
+    assert len(logprobs["tokens"]) == out["usage"]["completion_tokens"] == 6
+    # llm.scores is still indexed by token: the greedy tokens are the argmax of the rows before them
+    n_prompt = llm.n_tokens - 5  # the sixth token was not decoded
+    assert np.array_equal(np.argmax(llm.scores[n_prompt - 1 : n_prompt + 4], axis=1), llm.input_ids[n_prompt : n_prompt + 5])
+    # greedy: each token is the top one of its row, so its logprob is the largest: the rows read are its own
+    for token, logprob, top in zip(logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"]):
+        assert logprob <= 0 and logprob == pytest.approx(max(top.values()), abs=1e-4), (token, logprob, top)
+    # the same through a stream, which reads one row per token (the document is read again: evictions,
+    # and so the logits, may differ from the first read's)
+    chunks = [c["choices"][0]["logprobs"] for c in llm.create_completion(prompt, max_tokens=6, temperature=0.0,
+                                                                         logprobs=3, stream=True)]
+    streamed = [(value, top) for chunk in chunks if chunk
+                for value, top in zip(chunk["token_logprobs"], chunk["top_logprobs"])]
+    assert len(streamed) == 6
+    for logprob, top in streamed:
+        assert logprob <= 0 and logprob == pytest.approx(max(top.values()), abs=1e-4), (logprob, top)
+    # rows older than the ring are gone, and saying so beats reading another token's logits
+    with pytest.raises(IndexError, match="logits of token 5 are no longer kept.*kv_policy='full'"):
+        llm._scores[5]
+    state = llm.save_state()
+    last = llm._scores[-1].copy()
+    llm.load_state(state)
+    assert np.array_equal(llm._scores[-1], last)
+    llm.close()
+
+
+def test_logits_all_with_the_full_policy_is_llama_cpp_pythons(model_path):
+    """kv_policy="full" keeps every row, as llama-cpp-python does; on a prompt that does not evict,
+    restkv's ring gives the same logprobs, the prompt's included (echo)."""
+    prompt = "The rescue ship was called the Marigold. The rescue ship was called the"
+    outs = []
+    for policy in ("full", "restkv"):
+        llm = open_llama(model_path, kv_policy=policy, n_ctx=512, logits_all=True,
+                         **({"kv_budget": 256, "n_batch": 256} if policy == "restkv" else {}))
+        outs.append(llm.create_completion(prompt, max_tokens=4, temperature=0.0, logprobs=2, echo=True))
+        if policy == "full":
+            assert type(llm._scores) is np.ndarray and llm._scores.shape == (llm.n_tokens, llm.n_vocab())
+        llm.close()
+    full, ring = (out["choices"][0]["logprobs"] for out in outs)
+    assert full["tokens"] == ring["tokens"] and len(full["tokens"]) > 10
+    assert full["token_logprobs"][0] is None is ring["token_logprobs"][0]
+    assert full["token_logprobs"][1:] == pytest.approx(ring["token_logprobs"][1:], abs=1e-3)

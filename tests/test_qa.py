@@ -1,11 +1,13 @@
 """`Llama.ask` and pyrestkv.qa on the real model: the answer, the question probe, the stats, the
 prompt layouts and budgets as fractions of the document."""
 
+import textwrap
 import time
 
 import pytest
 
 from helpers import open_llama
+from test_documents import write_pdf
 from pyrestkv.haystack import make_document
 from pyrestkv.policies import BudgetPolicy
 from pyrestkv.qa import MIN_BUDGET, qa_messages, read_document, resolve_budget
@@ -58,6 +60,31 @@ def test_ask_rejects_bad_input(model_path, tmp_path):
         read_document(tmp_path)
     with pytest.raises(FileNotFoundError):
         read_document(tmp_path / "missing.txt")
+    # a mistyped path is not a document: nothing is read, the error says how to pass text
+    with pytest.raises(FileNotFoundError, match="'report.txt' names no file.*text="):
+        llm.ask("report.txt", "What was the revenue?")
+    with pytest.raises(FileNotFoundError, match="document not found"):
+        llm.ask(path=tmp_path / "missing.pdf", question="q?")
+    with pytest.raises(TypeError, match="give the document once"):
+        llm.ask("some text", "q?", text="other text")
+    with pytest.raises(TypeError, match="needs a question"):
+        llm.ask(text="some text")
+    assert llm.kv_stats()["tokens_seen"] == 0
+    llm.close()
+
+
+def test_ask_text_and_path_explicitly(model_path, tmp_path, monkeypatch):
+    """text= reads a string that looks like a path as text; a PDF is read through path=, a Path or its name."""
+    monkeypatch.chdir(tmp_path)
+    llm = open_llama(model_path, kv_policy="restkv", kv_budget=256, n_batch=256)
+    doc = make_document(llm, 400, [(0.5, MARIGOLD)], seed=11)
+    pdf = write_pdf(tmp_path / "log.pdf", textwrap.wrap(doc, 90))
+    answers = [llm.ask(document, "What was the rescue ship called?", max_tokens=16).answer
+               for document in ("log.pdf", pdf)]
+    answers.append(llm.ask(path="log.pdf", question="What was the rescue ship called?", max_tokens=16).answer)
+    assert all("Marigold" in answer for answer in answers), answers
+    # said to be text, a file name is read as the document (and there is no such file)
+    assert llm.ask(text="report.txt", question="What is the document?", max_tokens=4).tokens_read > 0
     llm.close()
 
 
