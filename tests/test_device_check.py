@@ -38,7 +38,7 @@ def test_device_check_script_runs_on_the_cpu(tmp_path):
     assert checks["failures"] == []
     assert checks["device_layers_fused"] == LAYERS
     for name in ("fused_vs_reference", "fused_vs_composed", "top_positions_vs_reference_share_of_cells",
-                 "gram_device_vs_host", "scores_device_vs_host", "keys_after_packing_device_vs_host",
+                 "gram_device_vs_host", "scores_device_vs_host", "top_positions_device_vs_host_share_of_cells", "keys_after_packing_device_vs_host",
                  "logits_device_vs_host_after_eviction"):
         assert checks[name]["value"] <= checks[name]["bound"], name
     assert checks["evicted"] == 768 - BUDGET

@@ -42,6 +42,12 @@ if [ -n "$gpu" ]; then
     if [ -d "$here/carry/lib" ]; then
         rm -rf "$root/pyrestkv/lib"
         cp -a "$here/carry/lib" "$root/pyrestkv/lib"
+        # the synthetic model's gguf-py and vocabulary come from the llama.cpp tree
+        if [ -z "${PYRESTKV_LLAMA_SRC:-}" ] && [ -f "$here/carry/llama.cpp-src.tar.xz" ]; then
+            export PYRESTKV_LLAMA_SRC=${TMPDIR:-/tmp}/pyrestkv-llama-src
+            mkdir -p "$PYRESTKV_LLAMA_SRC"
+            tar -xJf "$here/carry/llama.cpp-src.tar.xz" -C "$PYRESTKV_LLAMA_SRC"
+        fi
     elif [ ! -e "$root/pyrestkv/lib/libggml-cuda.so" ]; then
         PYTHON=$PYTHON sh "$here/build_cuda.sh" 2>&1 | tee "$out/build_cuda.log" | tail -n 3
     fi
