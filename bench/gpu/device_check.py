@@ -68,9 +68,10 @@ def gpu_memory_mib():
                              capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    if out.returncode != 0 or not out.stdout.strip():
+    try:
+        return int(out.stdout.split()[0]) if out.returncode == 0 else None
+    except (IndexError, ValueError):
         return None
-    return int(out.stdout.split()[0])
 
 
 def synchronize(llm) -> None:
