@@ -6,13 +6,20 @@ shift with n_ctx = budget + n_batch, the same memory as the others), or a budget
 question-blind. Every arm answers through `Llama.ask`, so restkv is measured as users run it.
 
 Budgets are token counts or fractions of the document ("1/8"). Results are JSON (one row per sample
-and arm), a Markdown table (accuracy per arm and budget) and a PNG (accuracy against budget, one line
-per policy), all under bench/results/.
+and arm), a Markdown table (accuracy per arm and budget, with the sample count and a 95% Wilson
+interval) and a PNG (accuracy against budget, one line per policy, the intervals as error bars), all
+under bench/results/.
+
+Runs resume: each answer is appended to bench/results/<suite>-<tag>.partial.jsonl as it completes,
+and a rerun of the same command skips the answers already there, so a long grid can be split over
+several sittings (the JSON, table and plot are written from all of them at the end). Runs made
+separately (other arms, other lengths) are joined with bench/merge.py, never by hand.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -105,10 +112,39 @@ def common_args(ap, max_tokens: int = 32) -> None:
     ap.add_argument("--tag", default=None, help="results file suffix (default: the model name)")
 
 
+def row_key(row: dict) -> str:
+    """What identifies an answer: its arm, budget and sample labels (not the answer or its timings)."""
+    labels = {k: v for k, v in row.items() if k not in ANSWER_FIELDS}
+    return json.dumps(labels, sort_keys=True)
+
+
+# what a row records about its answer; every other field labels the sample and the arm
+ANSWER_FIELDS = ("document", "question", "answers", "cells", "score", "answer", "expected", "seconds", "scoring_ms",
+                 "tok_s")
+
+
+def partial_path(suite: str, args) -> Path:
+    return RESULTS / f"{suite}-{args.tag or args.model}.partial.jsonl"
+
+
+def load_partial(path: Path) -> dict:
+    """The answers a previous sitting appended, by row_key (a torn last line is dropped)."""
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[row_key(row)] = row
+    return done
+
+
 def run_grid(samples: list, args, suite: str, score_fn) -> dict:
     """samples: dicts with document, question, answers, n_tokens and any labels. Runs every arm and
     budget on every sample (one Llama per arm, budget and document length), scores with
-    score_fn(answer, sample) in [0, 1], and writes the results."""
+    score_fn(answer, sample) in [0, 1], and returns the results. Each answer is appended to the
+    partial file as it completes; answers already there are not asked again."""
     from tqdm import tqdm
 
     path = model_path(args.model)
@@ -119,44 +155,87 @@ def run_grid(samples: list, args, suite: str, score_fn) -> dict:
     by_len = {}
     for s in samples:
         by_len.setdefault(s["n_tokens"], []).append(s)
+    # what else changes an answer: a rerun with other settings asks again
+    setup = (f"layout={args.layout} queries={args.queries} n_batch={args.n_batch} n_keep={args.n_keep} "
+             f"max_tokens={args.max_tokens} seed={getattr(args, 'seed', None)}")
+    RESULTS.mkdir(exist_ok=True)
+    partial = partial_path(suite, args)
+    done = load_partial(partial)
     rows = []
     bar = tqdm(total=len(runs) * len(samples), desc=suite, unit="answer")
-    for arm, budget in runs:
-        for n_doc, group in sorted(by_len.items()):
-            llm = open_arm(path, arm, budget, n_doc, args)
-            for s in group:
-                t0 = time.perf_counter()
-                answer = ask(llm, arm, s["document"], s["question"], args)
-                stats = llm.kv_stats()
-                rows.append({
-                    **{k: v for k, v in s.items() if k not in ("document", "question", "answers")},
-                    "arm": arm, "budget": budget, "cells": stats.get("budget") if arm != "full" else None,
-                    "score": score_fn(answer, s), "answer": answer[:200], "expected": s["answers"],
-                    "seconds": round(time.perf_counter() - t0, 2), "scoring_ms": stats.get("scoring_ms"),
-                })
-                bar.update(1)
-                bar.set_postfix_str(f"{arm} {budget or ''}")
-            llm.close()
+    with open(partial, "a") as log:
+        for arm, budget in runs:
+            for n_doc, group in sorted(by_len.items()):
+                todo = []
+                for s in group:
+                    labels = {**{k: v for k, v in s.items() if k not in ANSWER_FIELDS}, "arm": arm, "budget": budget,
+                              "setup": setup}
+                    if row_key(labels) in done:
+                        rows.append(done[row_key(labels)])
+                        bar.update(1)
+                    else:
+                        todo.append((s, labels))
+                if not todo:
+                    continue
+                llm = open_arm(path, arm, budget, n_doc, args)
+                for s, labels in todo:
+                    t0 = time.perf_counter()
+                    answer = ask(llm, arm, s["document"], s["question"], args)
+                    seconds = time.perf_counter() - t0
+                    stats = llm.kv_stats()
+                    row = {
+                        **labels, "cells": stats.get("budget") if arm != "full" else None,
+                        "score": score_fn(answer, s), "answer": answer[:200], "expected": s["answers"],
+                        "seconds": round(seconds, 2), "scoring_ms": stats.get("scoring_ms"),
+                        "tok_s": round(s["n_tokens"] / seconds, 1),
+                    }
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    rows.append(row)
+                    bar.update(1)
+                    bar.set_postfix_str(f"{arm} {budget or ''}")
+                llm.close()
     bar.close()
     return {"suite": suite, "model": args.model, "config": dict(vars(args)), "rows": rows}
 
 
+def wilson(k: float, n: int, z: float = 1.96) -> tuple:
+    """The 95% Wilson score interval of a proportion k/n, in [0, 1]."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def clearly_above(a: dict, b: dict) -> bool:
+    """Whether summary row a beats b beyond chance: a's interval lies wholly above b's."""
+    return a["lo"] > b["hi"]
+
+
 def summarize(result: dict, by=("arm", "budget")) -> list:
-    """Mean score (percent) per arm and budget (and per `by` fields)."""
+    """Mean score (percent) per arm and budget (and per `by` fields), with the sample count n and
+    the 95% Wilson interval [lo, hi] in percent."""
     groups = {}
     for r in result["rows"]:
         key = tuple(r.get(k) for k in by)
         groups.setdefault(key, []).append(r["score"])
-    return [dict(zip(by, k), accuracy=round(100.0 * sum(v) / len(v), 1), n=len(v)) for k, v in groups.items()]
+    out = []
+    for k, v in groups.items():
+        lo, hi = wilson(sum(v), len(v))
+        out.append(dict(zip(by, k), accuracy=round(100.0 * sum(v) / len(v), 1), n=len(v),
+                        lo=round(100.0 * lo, 1), hi=round(100.0 * hi, 1)))
+    return out
 
 
 def markdown(result: dict, by=("arm", "budget")) -> str:
     rows = summarize(result, by)
-    head = "| " + " | ".join(by) + " | accuracy % | samples |"
-    lines = [head, "|" + "---|" * (len(by) + 2)]
+    head = "| " + " | ".join(by) + " | accuracy % | 95% interval | samples |"
+    lines = [head, "|" + "---|" * (len(by) + 3)]
     for r in rows:
         lines.append("| " + " | ".join("full cache" if (k == "budget" and r[k] is None) else str(r[k]) for k in by)
-                     + f" | {r['accuracy']} | {r['n']} |")
+                     + f" | {r['accuracy']} | {r['lo']}–{r['hi']} | {r['n']} |")
     return "\n".join(lines)
 
 
@@ -174,20 +253,26 @@ def plot(result: dict, dest: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6, 4))
     budgets = sorted({r["budget"] for r in rows if r["budget"] is not None}, key=lambda b: float(Fraction(str(b))))
     xs = list(range(len(budgets)))
+    policies = [a for a in dict.fromkeys(r["arm"] for r in rows) if a != "full"]
     for arm in dict.fromkeys(r["arm"] for r in rows):
         if arm == "full":
             full = [r for r in rows if r["arm"] == "full"]
             if full:
                 ax.axhline(full[0]["accuracy"], color="black", linestyle="--", label="full cache")
+                ax.axhspan(full[0]["lo"], full[0]["hi"], color="black", alpha=0.08)
             continue
-        ys = [next((r["accuracy"] for r in rows if r["arm"] == arm and r["budget"] == b), None) for b in budgets]
-        ax.plot(xs, ys, marker="o", label=arm)
+        pts = [(x, next((r for r in rows if r["arm"] == arm and r["budget"] == b), None)) for x, b in zip(xs, budgets)]
+        pts = [(x, r) for x, r in pts if r is not None]
+        ys = [r["accuracy"] for _, r in pts]
+        err = [[r["accuracy"] - r["lo"] for _, r in pts], [r["hi"] - r["accuracy"] for _, r in pts]]
+        dodge = 0.06 * (policies.index(arm) - (len(policies) - 1) / 2)  # so that the error bars stay apart
+        ax.errorbar([x + dodge for x, _ in pts], ys, yerr=err, marker="o", capsize=3, label=arm)
     ax.set_xticks(xs)
     ax.set_xticklabels([str(b) for b in budgets])
     ax.set_xlabel("kv_budget (tokens, or fraction of the document)")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(-5, 105)
-    ax.set_title(f"{result['suite']}, {result['model']}")
+    ax.set_title(f"{result['suite']}, {result['model']} (95% Wilson intervals)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(dest, dpi=110)
@@ -199,6 +284,11 @@ def save(result: dict, args, by=("arm", "budget")) -> None:
     RESULTS.mkdir(exist_ok=True)
     stem = f"{result['suite']}-{args.tag or args.model}"
     result["command"] = "python " + " ".join(sys.argv)
+    write(result, stem, by)
+
+
+def write(result: dict, stem: str, by=("arm", "budget")) -> None:
+    """The result's JSON, Markdown table (headed by its command) and plot under bench/results/."""
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1))
     table = markdown(result, by)
     (RESULTS / f"{stem}.md").write_text(f"`{result['command']}`\n\n{table}\n")

@@ -1,0 +1,54 @@
+"""Join result files of one suite and model made by separate runs (other arms, lengths or sittings).
+
+    python bench/merge.py niah-gemma3 bench/results/niah-gemma3-a.json bench/results/niah-gemma3-b.json
+
+Writes bench/results/<NAME>.json, .md and .png as the suites do. Rows are joined by what labels them
+(arm, budget, sample labels and settings); an answer present in two inputs must have the same score
+there, or the merge stops. The output records this command and the commands of its inputs, so that
+every table can be traced back to the runs that made it, and no result file is ever edited by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from evalkit import row_key, write  # noqa: E402
+
+
+def merge(results: list) -> dict:
+    suites = {(r["suite"], r["model"]) for r in results}
+    if len(suites) != 1:
+        raise SystemExit(f"cannot merge results of different suites or models: {sorted(suites)}")
+    if any("score" not in row for r in results for row in r["rows"]):
+        raise SystemExit("only suites scored per answer (niah, ruler) can be merged")
+    rows, origin = {}, {}
+    for i, result in enumerate(results):
+        for row in result["rows"]:
+            key = row_key(row)
+            if key in rows and rows[key]["score"] != row["score"]:
+                raise SystemExit(f"input {origin[key]} and input {i} disagree on the answer {key}")
+            rows.setdefault(key, row)
+            origin.setdefault(key, i)
+    first = results[0]
+    return {"suite": first["suite"], "model": first["model"], "config": first.get("config", {}),
+            "rows": list(rows.values()), "merged_from": [r.get("command", "") for r in results]}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("name", help="the output's name under bench/results/, e.g. niah-gemma3")
+    ap.add_argument("inputs", nargs="+", help="result JSON files of the same suite and model")
+    args = ap.parse_args(argv)
+    result = merge([json.loads(Path(p).read_text()) for p in args.inputs])
+    result["command"] = "python " + " ".join(sys.argv)
+    write(result, args.name)
+
+
+if __name__ == "__main__":
+    main()
