@@ -1,6 +1,7 @@
 """`pyrestkv serve` on the real model: a real server process on a loopback port, the official
 `openai` client, documents longer than the cache, bad input, and a bounded load."""
 
+import contextlib
 import inspect
 import json
 import os
@@ -80,14 +81,14 @@ class Server:
         return _get(self.port, "/extras/kv_stats")
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+@contextlib.contextmanager
+def _running_server(log_path: Path, *flags):
+    """A server process on a free loopback port, ready (bounded wait), always terminated."""
     port = _free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            _serve_command("--host", HOST, "--port", str(port), "--kv-budget", str(BUDGET), "--n-batch", str(N_BATCH),
-                           "--n-threads", THREADS, "--n-threads-batch", THREADS),
+            _serve_command("--host", HOST, "--port", str(port), "--n-threads", THREADS, "--n-threads-batch", THREADS,
+                           *flags),
             stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + STARTUP_S
@@ -109,6 +110,13 @@ def served(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("serve") / "server.log"
+    with _running_server(log_path, "--kv-budget", str(BUDGET), "--n-batch", str(N_BATCH)) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +249,22 @@ def test_without_max_tokens_the_answer_stops_at_the_default(model_path):
             llm.create_completion("Count:", max_tokens=0)
     finally:
         llm.close()
+
+
+def test_full_policy_refuses_a_prompt_longer_than_the_cache_as_the_server_does(tmp_path, model_path):
+    import pyrestkv
+
+    vocab = pyrestkv.Llama(model_path, n_ctx=512, verbose=False)
+    text = make_document(vocab, 700, [], seed=2)
+    vocab.close()
+    with _running_server(tmp_path / "full.log", "--kv-policy", "full", "--n-ctx", "512") as full:
+        with pytest.raises(openai.BadRequestError, match="maximum context length is 512 tokens"):
+            full.client.chat.completions.create(model="any", messages=[{"role": "user", "content": text}],
+                                                max_tokens=8)
+        out = full.client.chat.completions.create(model="any", messages=[{"role": "user", "content": "Hi"}],
+                                                  max_tokens=4)
+        assert out.choices[0].message.content
+        assert full.kv_stats()["last_request"]["kv"]["policy"] == "full"
 
 
 @pytest.mark.parametrize("flags, message", [
