@@ -11,8 +11,8 @@ What this module adds to them:
   object on the response (where the response model lets them through), at GET /extras/kv_stats
   and in one log line;
 * a check of completion requests before they reach the model: a body that is not JSON, a
-  max_tokens <= 0 (which an evicting cache would read as "until the end token") and fields the
-  request model rejects get a 400 that says why.
+  max_tokens <= 0 (which an evicting cache would read as "until the end token"), logprobs without
+  --logits-all and fields the request model rejects get a 400 that says why.
 """
 
 from __future__ import annotations
@@ -343,7 +343,7 @@ CHECKED_ROUTES = {
 }
 
 
-def request_error(path: str, body: bytes) -> Optional[tuple]:
+def request_error(path: str, body: bytes, logits_all: bool = True) -> Optional[tuple]:
     """(param, message) when this completion request must be refused, else None."""
     try:
         data = json.loads(body)
@@ -355,6 +355,9 @@ def request_error(path: str, body: bytes) -> Optional[tuple]:
     if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
         return "max_tokens", (f"max_tokens must be a positive integer, got {max_tokens!r}; leave it out for "
                               "the server's default (--default_max_tokens)")
+    if not logits_all and data.get("logprobs") not in (None, False):
+        return "logprobs", ("logprobs need the server started with --logits-all true (this one keeps the logits "
+                            "of the last token only)")
     try:
         CHECKED_ROUTES[path].model_validate(data)
     except ValidationError as e:
@@ -369,9 +372,10 @@ class RequestChecks:
     they reach a route. The server itself would answer them with a 500, or, for a stream, only
     after it started (and max_tokens <= 0 would generate until the end token)."""
 
-    def __init__(self, app, root_path: str = ""):
+    def __init__(self, app, root_path: str = "", logits_all: bool = True):
         self.app = app
         self.root_path = root_path
+        self.logits_all = logits_all
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
@@ -386,7 +390,7 @@ class RequestChecks:
                 return  # the client went away
             body += message.get("body", b"")
             more = message.get("more_body", False)
-        error = request_error(path, body)
+        error = request_error(path, body, self.logits_all)
         if error is not None:
             param, text = error
             response = JSONResponse(
@@ -429,7 +433,7 @@ def create_app(settings: ServeSettings):
         llm = proxy()
         return {"last_request": llm.last_request, "requests": llm.requests, "kv_stats": llm.stats_snapshot}
 
-    app.add_middleware(RequestChecks, root_path=server_settings.root_path)
+    app.add_middleware(RequestChecks, root_path=server_settings.root_path, logits_all=model_settings.logits_all)
     return app
 
 

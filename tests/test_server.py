@@ -209,6 +209,12 @@ def test_bad_requests_get_a_400_that_says_why_and_the_server_keeps_serving(serve
                                               max_tokens=0, stream=True)
     with pytest.raises(openai.BadRequestError, match="max_tokens must be a positive integer"):
         served.client.completions.create(model="any", prompt="Hi", max_tokens=0)
+    # logprobs need --logits-all, off by default here (the server's default is on)
+    with pytest.raises(openai.BadRequestError, match="--logits-all true"):
+        served.client.completions.create(model="any", prompt="Hi", max_tokens=2, logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="--logits-all true"):
+        served.client.chat.completions.create(model="any", messages=[{"role": "user", "content": "Hi"}],
+                                              max_tokens=2, logprobs=True, top_logprobs=2)
     # a field the request model rejects: a 400 naming it, not the server's 500
     status, body = _post_raw(served.port, "/v1/chat/completions", json.dumps({"messages": "hi"}).encode())
     assert status == 400 and body["error"]["message"].startswith("messages")
@@ -265,6 +271,18 @@ def test_full_policy_refuses_a_prompt_longer_than_the_cache_as_the_server_does(t
                                                   max_tokens=4)
         assert out.choices[0].message.content
         assert full.kv_stats()["last_request"]["kv"]["policy"] == "full"
+
+
+def test_logprobs_with_logits_all_under_eviction(tmp_path, model_path):
+    import pyrestkv
+
+    vocab = pyrestkv.Llama(model_path, n_ctx=512, verbose=False)
+    text = make_document(vocab, 400, [], seed=3)
+    vocab.close()
+    with _running_server(tmp_path / "logits.log", "--logits-all", "true", "--kv-budget", "128", "--n-batch", "128") as srv:
+        out = srv.client.completions.create(model="any", prompt=text, max_tokens=3, temperature=0, logprobs=2)
+        assert len(out.choices[0].logprobs.token_logprobs) == 3
+        assert srv.kv_stats()["last_request"]["kv"]["tokens_evicted"] > 0
 
 
 @pytest.mark.parametrize("flags, message", [
