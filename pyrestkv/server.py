@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from . import Llama, default_model_path  # before llama_cpp.server: it points llama_cpp at our libllama
+from .cli import DEFAULT_N_CTX
 from .policies import BUDGET_POLICIES, POLICIES, POLICY_KEYWORDS
 
 try:
@@ -52,9 +53,9 @@ from pydantic import Field, ValidationError, field_validator
 
 log = logging.getLogger("pyrestkv.server")
 
-#: as `pyrestkv ask`: the budget of restkv and the baselines, the cells of shift and full, shift's n_keep
+#: as `pyrestkv ask`: the budget of restkv and the baselines and shift's n_keep (and DEFAULT_N_CTX,
+#: the cells of shift and full)
 DEFAULT_KV_BUDGET = 1024
-DEFAULT_N_CTX = 2048
 DEFAULT_N_KEEP = 64
 
 #: ModelSettings fields passed to the Llama under their own name
@@ -92,7 +93,7 @@ class KVModelSettings(ModelSettings):
     n_ctx: Optional[int] = Field(
         default=None, ge=0,
         description=f"KV cells, i.e. the cache's memory (default: kv_budget + n_batch for restkv and the "
-                    f"baselines, {DEFAULT_N_CTX} for shift and full)")
+                    f"baselines, {DEFAULT_N_CTX} for shift and full; 0: the model's training context for those)")
     logits_all: bool = Field(default=False, description="Keep logits for logprobs (under eviction, of the last n_ctx tokens).")
     verbose: bool = Field(default=False, description="Print llama.cpp's own logs.")
     kv_policy: str = Field(default="restkv", description=f"KV policy: {', '.join(POLICIES)}.")
@@ -317,9 +318,9 @@ def load_served_llama(settings: ModelSettings) -> ServedLlama:
     elif settings.kv_policy == "shift":
         kv.setdefault("n_keep", DEFAULT_N_KEEP)
     n_ctx = settings.n_ctx
-    if not n_ctx and settings.kv_policy not in BUDGET_POLICIES:
+    if n_ctx is None and settings.kv_policy not in BUDGET_POLICIES:
         n_ctx = DEFAULT_N_CTX
-    if n_ctx:  # else the policy sizes the cache: kv_budget + n_batch
+    if n_ctx is not None:  # else the policy sizes the cache: kv_budget + n_batch (0 does too)
         kv["n_ctx"] = n_ctx
     return ServedLlama(settings.model, kv_policy=settings.kv_policy, default_max_tokens=settings.default_max_tokens,
                        **{name: getattr(settings, name) for name in LLAMA_KEYWORDS}, **kv)

@@ -335,6 +335,23 @@ def test_settings_cover_the_servers_model_settings():
     assert server.ServeSettings(model="m.gguf").host == "127.0.0.1"
 
 
+@pytest.mark.parametrize("settings, n_ctx", [
+    ({}, BUDGET + 512),  # kv_budget 1024 + n_batch 512, not the server's 2048
+    ({"kv_budget": 256, "n_batch": 256}, 256 + 256),
+    ({"kv_budget": 256, "n_ctx": 0}, 256 + 512),
+    ({"kv_policy": "shift"}, 2048),
+    ({"kv_policy": "full"}, 2048),
+])
+def test_the_cache_size_defaults_to_what_the_policy_needs(model_path, settings, n_ctx):
+    llm = server.load_served_llama(server.KVModelSettings(model=model_path, **settings))
+    try:
+        assert llm.n_ctx() == n_ctx and llm._logits_all is False and llm.default_max_tokens == n_ctx
+        if settings.get("kv_policy") == "shift":
+            assert llm.kv_policy.n_keep == server.DEFAULT_N_KEEP
+    finally:
+        llm.close()
+
+
 def test_serve_help_lists_our_flags_and_the_servers(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
