@@ -2,6 +2,8 @@
 
     pyrestkv ask --doc report.txt "What was the total revenue in 2023?"
     pyrestkv ask --doc report.pdf "..."      (PDF and HTML: pip install "pyrestkv[pdf,html]")
+    pyrestkv serve --port 8000               (an OpenAI-compatible server: pip install "pyrestkv[serve]";
+                                              pyrestkv serve --help lists its flags)
 """
 
 from __future__ import annotations
@@ -118,6 +120,14 @@ def cmd_ask(args) -> int:
     return 0
 
 
+def cmd_serve(argv: list) -> int:
+    try:
+        from . import server
+    except ImportError as e:  # the serve extra is not installed
+        raise SystemExit(f"pyrestkv: error: {e}")
+    return server.main(argv)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pyrestkv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,7 +156,15 @@ def main(argv=None) -> int:
     ask.add_argument("--threads", type=_positive_int, default=os.cpu_count() or 1, help="CPU threads (default: all)")
     ask.set_defaults(func=cmd_ask)
 
-    args = parser.parse_args(argv)
+    # its flags come from the server's settings (pyrestkv.server), which need the serve extra
+    sub.add_parser("serve", add_help=False, help='an OpenAI-compatible server whose KV cache evicts (pip install '
+                                                 '"pyrestkv[serve]"; pyrestkv serve --help lists its flags)')
+
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "serve":
+        return cmd_serve(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args.func(args)
 
 

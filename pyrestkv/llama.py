@@ -7,7 +7,9 @@ Everything llama-cpp-python offers works unchanged. What differs:
 * Positions are tracked apart from the token count: `self.n_tokens` counts every token of the
   stream (it indexes `input_ids`), `self._token_pos[i]` is token i's position in the cache, or -1
   once evicted.
-* Prefix reuse between calls only reuses the leading tokens that are still cached at their original
+* A prompt that starts with everything read so far (the previous prompt and its answer, as a chat
+  client resends a conversation) continues from the cache as it is: only the new tokens are read.
+  Otherwise prefix reuse only reuses the leading tokens that are still cached at their original
   positions; anything after the first eviction is decoded again.
 * With logits_all=True and an evicting policy, `self.scores` is a ring of the logits of the last
   n_ctx tokens (see _LogitsRing), indexed by token, not a row for every token of the stream.
@@ -234,6 +236,7 @@ class Llama(llama_cpp.Llama):
             self._token0_logits = None
 
         self._probe_override = None  # kv_probe's query while its block runs
+        self.last_probe: list = []  # the tokens of the last question probe
         self._token_pos = np.full(len(self.input_ids), -1, dtype=np.int32)
         self._n_logical = 0  # tokens our books describe; self.n_tokens may be lowered by llama_cpp
         self._pos_next = 0
@@ -402,6 +405,7 @@ class Llama(llama_cpp.Llama):
         self._ctx.kv_cache_seq_rm(0, self._pos_next, -1)
         _binding.reset_query_window(self._ctx_ptr)
         self._stats["probe_tokens"] += len(probe)
+        self.last_probe = list(probe)
         return True
 
     def eval(self, tokens: Sequence[int]):
@@ -504,9 +508,21 @@ class Llama(llama_cpp.Llama):
             return super().eval_logits
         return deque(self._scores[min(self._logits_first, self.n_tokens) :].tolist())  # the rows held
 
+    def _continues_history(self, tokens: Sequence[int]) -> bool:
+        """Whether the prompt is everything read so far (prompt and answer) plus new tokens: a chat
+        client resending its conversation with a new turn."""
+        n = self.n_tokens
+        return 0 < n < len(tokens) and np.array_equal(self.input_ids[:n], np.asarray(tokens[:n]))
+
     def generate(self, tokens: Sequence[int], *args, **kwargs):
-        # llama_cpp reuses the longest common prefix by truncating at a position; that is only
-        # right for tokens still cached where they were first decoded
+        # A prompt that continues the whole history goes on from the cache as it is, evicted or not:
+        # the same state one long conversation under eviction would reach, so only the new tokens
+        # are read (llama_cpp then truncates at position n_tokens, past every cached position).
+        if self._continues_history(tokens):
+            return super().generate(tokens, *args, **kwargs)
+        # Otherwise llama_cpp reuses the longest common prefix by truncating at a position; that is
+        # only right for tokens still cached where they were first decoded. The rest is read again,
+        # so that its eviction is guided by this prompt (a new question about the same document).
         intact = self._intact_prefix()
         if self.n_tokens > intact:
             self.n_tokens = intact

@@ -194,3 +194,28 @@ def test_logits_all_with_the_full_policy_is_llama_cpp_pythons(model_path):
     assert full["tokens"] == ring["tokens"] and len(full["tokens"]) > 10
     assert full["token_logprobs"][0] is None is ring["token_logprobs"][0]
     assert full["token_logprobs"][1:] == pytest.approx(ring["token_logprobs"][1:], abs=1e-3)
+
+
+def test_a_prompt_that_continues_the_history_reads_only_its_new_tokens(model_path):
+    """A prompt that starts with the previous prompt and its answer goes on from the evicted cache;
+    one that only shares a prefix (a new question after the same document) is read again past the
+    leading tokens still in place."""
+    llm = open_llama(model_path, kv_policy="restkv", kv_budget=256, n_batch=256)
+    doc = make_document(llm, 900, [], seed=4)
+    first = llm.create_completion(doc + "\nQuestion: which town is this?\nAnswer:", max_tokens=6, temperature=0)
+    assert llm.kv_stats()["tokens_evicted"] > 0
+    seen = llm.kv_stats()["tokens_seen"]
+    turn = "\nQuestion: and which year?\nAnswer:"
+    n_turn = len(llm.tokenize(turn.encode(), add_bos=False))
+    continued = doc + "\nQuestion: which town is this?\nAnswer:" + first["choices"][0]["text"] + turn
+    out = llm.create_completion(continued, max_tokens=4, temperature=0)
+    read = llm.kv_stats()["tokens_seen"] - seen
+    assert out["usage"]["prompt_tokens"] > 900 and read <= n_turn + 2 + 4  # the new turn, a token or two, the answer
+    # the positions our books keep are still the cache's
+    positions, _ = llm.kv_cells()
+    books = llm._token_pos[: llm._n_logical]
+    assert sorted(positions.tolist()) == sorted(books[books >= 0].tolist())
+    seen = llm.kv_stats()["tokens_seen"]
+    llm.create_completion(doc + "\nQuestion: who was there?\nAnswer:", max_tokens=4, temperature=0)
+    assert llm.kv_stats()["tokens_seen"] - seen > 600  # a new question: the document is read again
+    llm.close()
