@@ -66,9 +66,10 @@ public:
     const llama_kv_cache * kv = nullptr;
 };
 
-// run a graph built by build() on the context's scheduler, the way K-shift does
+// run a graph of the cache kv on the context's scheduler, the way K-shift does:
+// build(ctx, gf, inp) adds its nodes to gf and its inputs to inp, which the graph then owns
 template <typename F>
-static bool llama_kv_run_side_graph(llama_context & lctx, F build) {
+static bool llama_kv_run_side_graph(llama_context & lctx, const llama_kv_cache & kv, F build) {
     auto * sched = lctx.get_sched();
 
     ggml_backend_sched_reset(sched);
@@ -76,9 +77,13 @@ static bool llama_kv_run_side_graph(llama_context & lctx, F build) {
     auto * res = lctx.get_gf_res_reserve();
     res->reset();
 
-    ggml_cgraph * gf = build(res);
+    ggml_cgraph * gf = res->get_gf();
+    auto inp = std::make_unique<llm_graph_input_kv_side>();
+    inp->kv = &kv;
+    build(res->get_ctx(), gf, *inp);
+    res->add_input(std::move(inp));
 
-    bool ok = gf != nullptr && ggml_backend_sched_alloc_graph(sched, gf);
+    bool ok = ggml_backend_sched_alloc_graph(sched, gf);
     if (ok) {
         res->set_inputs(nullptr);
         ok = lctx.graph_compute(gf, false) == GGML_STATUS_SUCCESS;
@@ -133,33 +138,25 @@ bool llama_kv_restkv::gram_prepare(llama_kv_cache & kv, llama_context & lctx) {
             }
         }
 
-        const bool ok = llama_kv_run_side_graph(lctx, [&](llm_graph_result * res) -> ggml_cgraph * {
-            auto * ctx = res->get_ctx();
-            auto * gf  = res->get_gf();
-
-            auto inp = std::make_unique<llm_graph_input_kv_side>();
-            inp->kv    = &kv;
-            inp->v_rot = kv.build_input_v_rot(ctx);
+        const bool ok = llama_kv_run_side_graph(lctx, kv, [&](ggml_context * ctx, ggml_cgraph * gf, llm_graph_input_kv_side & inp) {
+            inp.v_rot = kv.build_input_v_rot(ctx);
 
             // w[c, j] = wo[j, c]: column j = h*dv + e of head h, as [n_embd, dv, n_head]
             ggml_tensor * w;
             if (repacked) {
-                w = ggml_mul_mat(ctx, wo, inp->add(ctx, GGML_TYPE_F32, n_in, n_in, eye.data()));
+                w = ggml_mul_mat(ctx, wo, inp.add(ctx, GGML_TYPE_F32, n_in, n_in, eye.data()));
             } else {
                 w = ggml_cont(ctx, ggml_transpose(ctx, ggml_cast(ctx, wo, GGML_TYPE_F32)));
             }
             w = ggml_reshape_3d(ctx, w, n_embd, dv, n_head);
 
             ggml_tensor * gram = ggml_mul_mat(ctx, w, w); // [dv, dv, n_head]
-            if (inp->v_rot) {
+            if (inp.v_rot) {
                 // V is stored Hadamard-rotated: score in the rotated space, G' = R G R (G symmetric)
-                gram = llama_mul_mat_hadamard(ctx, gram, inp->v_rot);
-                gram = llama_mul_mat_hadamard(ctx, ggml_cont(ctx, ggml_transpose(ctx, gram)), inp->v_rot);
+                gram = llama_mul_mat_hadamard(ctx, gram, inp.v_rot);
+                gram = llama_mul_mat_hadamard(ctx, ggml_cont(ctx, ggml_transpose(ctx, gram)), inp.v_rot);
             }
             ggml_build_forward_expand(gf, ggml_cpy(ctx, gram, st.gram[ikv]));
-
-            res->add_input(std::move(inp));
-            return gf;
         });
         if (!ok) {
             return false;
@@ -573,21 +570,16 @@ int32_t llama_kv_restkv::score(llama_kv_cache & kv, llama_context & lctx, llama_
 
     std::vector<llama_kv_score_result> results(n_layer);
 
-    const bool ok = llama_kv_run_side_graph(lctx, [&](llm_graph_result * res) -> ggml_cgraph * {
-        auto * ctx = res->get_ctx();
-        auto * gf  = res->get_gf();
-
-        auto inp = std::make_unique<llm_graph_input_kv_side>();
-        inp->kv    = &kv;
-        inp->k_rot = kv.build_input_k_rot(ctx);
+    const bool ok = llama_kv_run_side_graph(lctx, kv, [&](ggml_context * ctx, ggml_cgraph * gf, llm_graph_input_kv_side & inp) {
+        inp.k_rot = kv.build_input_k_rot(ctx);
 
         llama_kv_score_inputs in;
-        llama_kv_score_add_inputs(*inp, ctx, plan, *st, in);
+        llama_kv_score_add_inputs(inp, ctx, plan, *st, in);
 
         for (int32_t ikv = 0; ikv < n_layer; ++ikv) {
             const auto & layer = kv.layers[ikv];
 
-            ggml_tensor * q = build_rows(kv, lctx, ctx, ikv, plan, in, inp->k_rot);
+            ggml_tensor * q = build_rows(kv, lctx, ctx, ikv, plan, in, inp.k_rot);
 
             const llama_kv_score_kv kvl = cache_layer(kv, ctx, ikv, plan.n_kv);
 
@@ -605,12 +597,9 @@ int32_t llama_kv_restkv::score(llama_kv_cache & kv, llama_context & lctx, llama_
                 }
             }
 
-            llama_kv_score_add_composed_inputs(*inp, ctx, plan, in);
+            llama_kv_score_add_composed_inputs(inp, ctx, plan, in);
             results[ikv] = build_layer_composed(ctx, gf, q, kvl, st->gram[ikv], in, plan, st->kq_scale[ikv]);
         }
-
-        res->add_input(std::move(inp));
-        return gf;
     });
 
     if (!ok) {
