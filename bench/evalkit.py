@@ -170,8 +170,9 @@ def run_grid(samples: list, args, suite: str, score_fn) -> dict:
                 for s in group:
                     labels = {**{k: v for k, v in s.items() if k not in ANSWER_FIELDS}, "arm": arm, "budget": budget,
                               "setup": setup}
-                    if row_key(labels) in done:
-                        rows.append(done[row_key(labels)])
+                    key = row_key(labels)
+                    if key in done:
+                        rows.append(done[key])
                         bar.update(1)
                     else:
                         todo.append((s, labels))

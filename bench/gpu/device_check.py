@@ -48,8 +48,11 @@ sys.path.insert(0, str(HERE))
 
 import synthetic_gguf  # noqa: E402
 
-WINDOW = 32  # scoring rows, as restkv's default kv_window
-ALPHA = 0.3
+from pyrestkv.policies import RestKVPolicy  # noqa: E402
+
+DEFAULTS = RestKVPolicy()  # the checks score as restkv does by default
+WINDOW = DEFAULTS.window  # scoring rows
+ALPHA = DEFAULTS.alpha
 N_DECODE = 32
 
 
@@ -89,8 +92,8 @@ def last_logits(llm) -> np.ndarray:
 class Arms:
     """Opens the model on the device or on the host with the run's shared settings."""
 
-    def __init__(self, model: str, args, gpu: bool):
-        self.model, self.args, self.gpu = model, args, gpu
+    def __init__(self, model: str, args):
+        self.model, self.args = model, args
 
     def open(self, on_device: bool, **kwargs):
         import pyrestkv
@@ -183,9 +186,9 @@ def run_checks(arms: Arms, info: dict, args, rng) -> dict:
     out["top_cells_overlap_device_host"] = len(top_dev & top_host) / n_select
 
     # the same eviction in both, then decode the same tokens
-    cell, _, _ = B.cell_scores(dev["scores"], dev["tpos"], shape[1], 21, 2000.0)
+    cell, _, _ = B.cell_scores(dev["scores"], dev["tpos"], shape[1], DEFAULTS.smoothing_width, DEFAULTS.beta)
     keep_always = np.zeros(n, dtype=np.uint8)
-    keep_always[:4] = 1
+    keep_always[:DEFAULTS.sink] = 1
     keep_always[-WINDOW:] = 1
     evict = np.sort(dev["pos"][B.select_evict(cell, args.budget, keep_always)])
     logits_before = relative_error(dev["logits0"], host["logits0"])
@@ -322,7 +325,7 @@ def main(argv=None) -> int:
             info = synthetic_gguf.describe(model)
         print(f"model: {info} ({time.perf_counter() - t:.1f} s)", flush=True)
         args.n_vocab_plain = min(info["n_vocab"], 128000)  # below llama-bpe's special tokens
-        arms = Arms(model, args, gpu)
+        arms = Arms(model, args)
         rng = np.random.default_rng(0)
 
         result = {
