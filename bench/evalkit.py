@@ -8,7 +8,8 @@ question-blind. Every arm answers through `Llama.ask`, so restkv is measured as 
 Budgets are token counts or fractions of the document ("1/8"). Results are JSON (one row per sample
 and arm), a Markdown table (accuracy per arm and budget, with the sample count and a 95% Wilson
 interval) and a PNG (accuracy against budget, one line per policy, the intervals as error bars), all
-under bench/results/.
+under bench/results/. A NIAH result over several lengths also gets a depth x length heatmap per arm,
+reading speed against length, and their tables (bench/heatmap.py).
 
 Runs resume: each answer is appended to bench/results/<suite>-<tag>.partial.jsonl as it completes,
 and a rerun of the same command skips the answers already there, so a long grid can be split over
@@ -328,6 +329,16 @@ def write(result: dict, stem: str, by=("arm", "budget")) -> None:
     png = plot(result, RESULTS / f"{stem}.png")
     print(table)
     print(f"results: {RESULTS / (stem + '.json')}" + (f", plot: {png}" if png else ""))
+    if has_lengths(result):
+        import heatmap  # bench/heatmap.py, beside this file
+
+        for png in heatmap.write(result, stem, RESULTS):
+            print(f"plot: {png}")
+
+
+def has_lengths(result: dict) -> bool:
+    """A NIAH result over several document lengths: it gets a depth x length heatmap and a speed plot."""
+    return result["suite"] == "niah" and len({r.get("length") for r in result["rows"]}) > 1
 
 
 def normalize(text: str) -> str:
