@@ -309,9 +309,12 @@ def plot_speed(result: dict, dest: Path) -> Path | None:
 
 def markdown(result: dict) -> str:
     """The tables and the not-run listing, as the .md file and README show them."""
+    derived = sum(r.get("tok_s") is None for r in result["rows"])
+    note = (f" ({derived} of {len(result['rows'])} answers predate the tok_s field: theirs is the document's "
+            "tokens over their seconds)" if derived else "")
     parts = ["Accuracy per arm and length, % [95% Wilson interval], hits/samples (depths and kinds pooled):", "",
              accuracy_table(result), "", *[f"- {w}" for w in wins_by_length(result)], "",
-             "Reading speed per arm and length, median tok/s [interquartile range], answers:", "",
+             f"Reading speed per arm and length, median tok/s [interquartile range], answers{note}:", "",
              speed_table(result), "", *[f"- {line}" for line in missing_lines(result)]]
     return "\n".join(parts)
 
