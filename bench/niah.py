@@ -130,7 +130,7 @@ def score(answer: str, sample: dict) -> float:
     return float(all(normalize(a) in normalize(answer) for a in sample["answers"]))
 
 
-def main(argv=None) -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common_args(ap, max_tokens=32)
     ap.add_argument("--kinds", default="number,name,distractor")
@@ -138,7 +138,11 @@ def main(argv=None) -> None:
     ap.add_argument("--depths", default="0,25,50,75,100", help="needle depths in percent (default: 0,25,50,75,100)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--grid", default=None, choices=sorted(GRIDS), help="a preset grid (see above)")
-    args = parse_args(ap, argv)
+    return ap
+
+
+def main(argv=None) -> None:
+    args = parse_args(parser(), argv)
     samples = build_samples(args)
     result = run_grid(samples, args, "niah", score, n_ctx_train=training_context(model_path(args.model)))
     save(result, args)
