@@ -234,8 +234,7 @@ def plot_heatmap(result: dict, dest: Path) -> Path | None:
     nrows = math.ceil(len(runs) / ncols)
     fig, axs = plt.subplots(nrows, ncols, squeeze=False, layout="constrained",
                             figsize=(1.5 + 1.2 * len(lengths) * ncols, 0.8 + (1.0 + 0.45 * len(depths)) * nrows))
-    cmap = plt.get_cmap("RdYlGn").copy()
-    cmap.set_bad("lightgrey")
+    cmap = plt.get_cmap("RdYlGn").with_extremes(bad="lightgrey")  # cells with no answers
     beyond = [i for i, n in enumerate(lengths) if cannot_run(result, "full", n)]
     image = None
     for ax, (arm, budget) in zip(axs.flat, runs):
