@@ -82,7 +82,8 @@ def missing(result: dict) -> dict:
     out = {NOT_RUN: {}, CANNOT_RUN: {}}
     for arm, budget in axes["runs"]:
         for length in axes["lengths"]:
-            m = sum((arm, budget, kind, length, depth) not in have for kind in axes["kinds"] for depth in axes["depths"])
+            m = sum((arm, budget, kind, length, depth) not in have
+                    for kind in axes["kinds"] for depth in axes["depths"])
             if m:
                 out[CANNOT_RUN if cannot_run(result, arm, length) else NOT_RUN][(arm, budget, length)] = m
     return out
@@ -166,7 +167,9 @@ def accuracy_table(result: dict) -> str:
 
     def text(arm, budget, n):
         a = acc.get((arm, budget, n))
-        return _empty_cell(result, arm, n) if a is None else f"{a['accuracy']} [{a['lo']}–{a['hi']}], {a['k']:g}/{a['n']}"
+        if a is None:
+            return _empty_cell(result, arm, n)
+        return f"{a['accuracy']} [{a['lo']}–{a['hi']}], {a['k']:g}/{a['n']}"
 
     return _table(result, text)
 
