@@ -8,7 +8,8 @@ question-blind. Every arm answers through `Llama.ask`, so restkv is measured as 
 Budgets are token counts or fractions of the document ("1/8"). Results are JSON (one row per sample
 and arm), a Markdown table (accuracy per arm and budget, with the sample count and a 95% Wilson
 interval) and a PNG (accuracy against budget, one line per policy, the intervals as error bars), all
-under bench/results/.
+under bench/results/. A NIAH result over several lengths also gets a depth x length heatmap per arm,
+reading speed against length, and their tables (bench/heatmap.py).
 
 Runs resume: each answer is appended to bench/results/<suite>-<tag>.partial.jsonl as it completes,
 and a rerun of the same command skips the answers already there, so a long grid can be split over
@@ -77,6 +78,28 @@ def budget_cells(budget, n_doc: int) -> int:
     return resolve_budget(budget, n_doc)
 
 
+def full_n_ctx(n_doc: int, max_tokens: int) -> int:
+    """The full cache's context for a document of n_doc tokens: the document, the answer, and 64
+    tokens for the chat template and the question."""
+    return n_doc + max_tokens + 64
+
+
+def full_fits(n_doc: int, max_tokens: int, n_ctx_train: int | None) -> bool:
+    """Whether the full cache can read the document within the model's training context (positions
+    beyond it are outside what the model learnt, so a full-cache answer there measures nothing)."""
+    return n_ctx_train is None or full_n_ctx(n_doc, max_tokens) <= n_ctx_train
+
+
+def training_context(path: str) -> int:
+    """The model's training context from its GGUF metadata (reads the vocabulary, not the weights)."""
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+    n = int(vocab._model.n_ctx_train())
+    vocab.close()
+    return n
+
+
 def open_arm(path: str, arm: str, budget, n_doc: int, args):
     """A Llama for one arm; n_doc is the prompt's length in tokens."""
     import pyrestkv
@@ -84,7 +107,7 @@ def open_arm(path: str, arm: str, budget, n_doc: int, args):
     policy, _, _ = arm.partition(":")
     common = dict(n_batch=args.n_batch, n_threads=args.threads, n_threads_batch=args.threads, verbose=False, seed=0)
     if policy == "full":
-        return pyrestkv.Llama(path, kv_policy="full", n_ctx=n_doc + args.max_tokens + 64, **common)
+        return pyrestkv.Llama(path, kv_policy="full", n_ctx=full_n_ctx(n_doc, args.max_tokens), **common)
     cells = budget_cells(budget, n_doc)
     if policy == "shift":
         return pyrestkv.Llama(path, kv_policy="shift", n_ctx=cells + args.n_batch, n_keep=args.n_keep, **common)
@@ -140,11 +163,13 @@ def load_partial(path: Path) -> dict:
     return done
 
 
-def run_grid(samples: list, args, suite: str, score_fn) -> dict:
+def run_grid(samples: list, args, suite: str, score_fn, n_ctx_train: int | None = None) -> dict:
     """samples: dicts with document, question, answers, n_tokens and any labels. Runs every arm and
     budget on every sample (one Llama per arm, budget and document length), scores with
     score_fn(answer, sample) in [0, 1], and returns the results. Each answer is appended to the
-    partial file as it completes; answers already there are not asked again."""
+    partial file as it completes; answers already there are not asked again. Given the model's
+    n_ctx_train, the full arm skips the documents it cannot hold (no row: the result records
+    n_ctx_train, from which a report tells "cannot run" from "not run yet")."""
     from tqdm import tqdm
 
     path = model_path(args.model)
@@ -166,6 +191,11 @@ def run_grid(samples: list, args, suite: str, score_fn) -> dict:
     with open(partial, "a") as log:
         for arm, budget in runs:
             for n_doc, group in sorted(by_len.items()):
+                if arm == "full" and not full_fits(n_doc, args.max_tokens, n_ctx_train):
+                    print(f"full: {n_doc}-token documents do not fit the training context ({n_ctx_train}): "
+                          "not run", file=sys.stderr)
+                    bar.update(len(group))
+                    continue
                 todo = []
                 for s in group:
                     labels = {**{k: v for k, v in s.items() if k not in ANSWER_FIELDS}, "arm": arm, "budget": budget,
@@ -197,7 +227,10 @@ def run_grid(samples: list, args, suite: str, score_fn) -> dict:
                     bar.set_postfix_str(f"{arm} {budget or ''}")
                 llm.close()
     bar.close()
-    return {"suite": suite, "model": args.model, "config": dict(vars(args)), "rows": rows}
+    result = {"suite": suite, "model": args.model, "config": dict(vars(args)), "rows": rows}
+    if n_ctx_train is not None:
+        result["n_ctx_train"] = n_ctx_train
+    return result
 
 
 def wilson(k: float, n: int, z: float = 1.96) -> tuple:
@@ -296,6 +329,16 @@ def write(result: dict, stem: str, by=("arm", "budget")) -> None:
     png = plot(result, RESULTS / f"{stem}.png")
     print(table)
     print(f"results: {RESULTS / (stem + '.json')}" + (f", plot: {png}" if png else ""))
+    if has_lengths(result):
+        import heatmap  # bench/heatmap.py, beside this file
+
+        for png in heatmap.write(result, stem, RESULTS):
+            print(f"plot: {png}")
+
+
+def has_lengths(result: dict) -> bool:
+    """A NIAH result over several document lengths: it gets a depth x length heatmap and a speed plot."""
+    return result["suite"] == "niah" and len({r.get("length") for r in result["rows"]}) > 1
 
 
 def normalize(text: str) -> str:

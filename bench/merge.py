@@ -36,8 +36,15 @@ def merge(results: list) -> dict:
             rows.setdefault(key, row)
             origin.setdefault(key, i)
     first = results[0]
-    return {"suite": first["suite"], "model": first["model"], "config": first.get("config", {}),
-            "rows": list(rows.values()), "merged_from": [r.get("command", "") for r in results]}
+    merged = {"suite": first["suite"], "model": first["model"], "config": first.get("config", {}),
+              "rows": list(rows.values()), "merged_from": [r.get("command", "") for r in results]}
+    # the training context tells the report which full-cache cells cannot run; one model has one
+    contexts = {r["n_ctx_train"] for r in results if r.get("n_ctx_train") is not None}
+    if len(contexts) > 1:
+        raise SystemExit(f"the inputs record different training contexts: {sorted(contexts)}")
+    if contexts:
+        merged["n_ctx_train"] = contexts.pop()
+    return merged
 
 
 def main(argv=None) -> None:

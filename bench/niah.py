@@ -4,6 +4,20 @@
     python bench/niah.py --model smollm2 --budgets 256,512,1024,2048 \\
         --arms full,shift,restkv,restkv:blind,snapkv,snapkv:blind,h2o,tova,streaming,truncate \\
         --depths 0,10,20,30,40,50,60,70,80,90,100           # the whole grid (hours on 2 cores)
+    python bench/niah.py --grid heatmap --model smollm2      # issue 15's depth x length grid (below)
+
+--grid heatmap is the depth x length grid: arms full,shift,restkv,restkv:blind,snapkv,streaming at
+kv_budget 1/8, kinds number,distractor, depths 0,25,50,75,100, lengths 4096,7936,16128,32512 (4k,
+and 8k, 16k, 32k less 256 tokens, the room the chat template, the question and the answer need, so
+that an "8k" document fits SmolLM2's 8192 and a "32k" one Gemma-3's 32768). Any flag given beside
+it overrides the preset's value; the tag defaults to <model>-heatmap. It writes, beside the JSON,
+table and plot, niah-<tag>-heatmap.png (accuracy per depth and length, one panel per arm) and
+niah-<tag>-speed.png (median tok/s against length), as every run over several lengths does.
+
+The full arm is skipped wherever the document does not fit the model's training context (read from
+the GGUF): no row is recorded and the report lists those cells as "cannot run", apart from cells
+not run yet. A long grid can be split: rerun the same command to resume where a sitting stopped,
+or run parts (--arms, --lengths) with their own --tag and join them with bench/merge.py.
 
 Kinds of needle:
   number      RULER's: "One of the special magic numbers for <adjective-noun> is: <7 digits>."
@@ -23,9 +37,15 @@ import random
 import re
 from pathlib import Path
 
-from evalkit import common_args, model_path, normalize, run_grid, save
+from evalkit import common_args, model_path, normalize, run_grid, save, training_context
 
 LENGTHS = "2048,4096,7936"  # "8k" leaves room for the template, the question and the answer in SmolLM2's 8192
+
+# presets for --grid: flags given on the command line override them
+GRIDS = {
+    "heatmap": dict(arms="full,shift,restkv,restkv:blind,snapkv,streaming", budgets="1/8", kinds="number,distractor",
+                    depths="0,25,50,75,100", lengths="4096,7936,16128,32512"),
+}
 
 
 def pg_sentences() -> list:
@@ -110,17 +130,31 @@ def score(answer: str, sample: dict) -> float:
     return float(all(normalize(a) in normalize(answer) for a in sample["answers"]))
 
 
-def main(argv=None) -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common_args(ap, max_tokens=32)
     ap.add_argument("--kinds", default="number,name,distractor")
     ap.add_argument("--lengths", default=LENGTHS, help=f"document lengths in tokens (default: {LENGTHS})")
     ap.add_argument("--depths", default="0,25,50,75,100", help="needle depths in percent (default: 0,25,50,75,100)")
     ap.add_argument("--seed", type=int, default=1)
-    args = ap.parse_args(argv)
+    ap.add_argument("--grid", default=None, choices=sorted(GRIDS), help="a preset grid (see above)")
+    return ap
+
+
+def main(argv=None) -> None:
+    args = parse_args(parser(), argv)
     samples = build_samples(args)
-    result = run_grid(samples, args, "niah", score)
+    result = run_grid(samples, args, "niah", score, n_ctx_train=training_context(model_path(args.model)))
     save(result, args)
+
+
+def parse_args(ap, argv=None):
+    """The arguments, with --grid's preset as the defaults of the flags not given."""
+    args = ap.parse_args(argv)
+    if args.grid:
+        ap.set_defaults(**GRIDS[args.grid], tag=f"{Path(args.model).stem}-{args.grid}")
+        args = ap.parse_args(argv)
+    return args
 
 
 if __name__ == "__main__":
