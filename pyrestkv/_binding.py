@@ -286,3 +286,73 @@ def debug_tensor(ctx, il_kv: int, what: int):
         llama.llama_kv_debug_tensor(ctx, il_kv, what, ffi.from_buffer("float[]", out), n, ffi.from_buffer("int32_t[]", pos), len(pos)),
     )
     return out[:n], pos
+
+
+#
+# Document tier (native/llama/src/llama-kv-tier.cpp): cells' K/V out of the cache and back in
+#
+
+PART_SCORED = llama.LLAMA_KV_PART_SCORED  # the plain cache, or the full-attention half of an iSWA cache
+PART_SWA = llama.LLAMA_KV_PART_SWA  # the sliding-window half of an iSWA cache
+
+
+def part_layout(ctx, part: int) -> list:
+    """Per layer of a part: (k_type, k_row_bytes, v_type, v_row_bytes); [] where the part does not exist."""
+    n = _check("llama_kv_part_n_layer", llama.llama_kv_part_n_layer(ctx, part))
+    return [
+        (_check("llama_kv_part_layer_type", llama.llama_kv_part_layer_type(ctx, part, il, False)),
+         _check("llama_kv_part_row_size", llama.llama_kv_part_row_size(ctx, part, il, False)),
+         _check("llama_kv_part_layer_type", llama.llama_kv_part_layer_type(ctx, part, il, True)),
+         _check("llama_kv_part_row_size", llama.llama_kv_part_row_size(ctx, part, il, True)))
+        for il in range(n)
+    ]
+
+
+def part_seq_positions(ctx, part: int, seq_id: int = 0) -> np.ndarray:
+    """The positions of the sequence's cells in a part, ascending (empty where the part does not exist)."""
+    n = _check("llama_kv_part_seq_positions", llama.llama_kv_part_seq_positions(ctx, part, seq_id, ffi.NULL, 0))
+    pos = np.empty(max(n, 1), dtype=np.int32)
+    got = _check("llama_kv_part_seq_positions",
+                 llama.llama_kv_part_seq_positions(ctx, part, seq_id, ffi.from_buffer("int32_t[]", pos), n))
+    return pos[: min(got, n)]
+
+
+def seq_get_kv(ctx, part: int, positions, n_bytes: int, seq_id: int = 0) -> np.ndarray:
+    """The K/V of the cells at these positions, as bytes: per layer, the key rows then the value rows."""
+    pos = np.ascontiguousarray(positions, dtype=np.int32)
+    out = np.empty(n_bytes, dtype=np.uint8)
+    got = _check("llama_kv_seq_get_kv", llama.llama_kv_seq_get_kv(
+        ctx, part, seq_id, ffi.from_buffer("int32_t[]", pos), len(pos), ffi.from_buffer("uint8_t[]", out), n_bytes))
+    if got != n_bytes:
+        raise KVCacheError("llama_kv_seq_get_kv", llama.LLAMA_KV_ERR_BAD_ARG)
+    return out
+
+
+def seq_put_kv(ctx, part: int, positions, pos_rot, tokens, kv_bytes, seq_id: int = 0) -> int:
+    """Put cells into an empty sequence: positions, the positions their keys were rotated at, tokens,
+    and their K/V in seq_get_kv's layout."""
+    pos = np.ascontiguousarray(positions, dtype=np.int32)
+    rot = np.ascontiguousarray(pos_rot, dtype=np.int32)
+    tok = np.ascontiguousarray(tokens, dtype=np.int32)
+    src = np.ascontiguousarray(kv_bytes, dtype=np.uint8)
+    if not len(pos) == len(rot) == len(tok):
+        raise ValueError("positions, pos_rot and tokens must have one entry per cell")
+    return _check("llama_kv_seq_put_kv", llama.llama_kv_seq_put_kv(
+        ctx, part, seq_id, ffi.from_buffer("int32_t[]", pos), ffi.from_buffer("int32_t[]", rot),
+        ffi.from_buffer("int32_t[]", tok), len(pos), ffi.from_buffer("uint8_t[]", src), len(src)))
+
+
+def score_cells(ctx, il_kv: int, positions, keys, values, pos_rows: int, alpha: float, n_select: int, n_head: int):
+    """Score cells that are not in the cache (one layer of a tier) with the pinned rows:
+    (scores [n_head, n], tpos [n_head, 2])."""
+    pos = np.ascontiguousarray(positions, dtype=np.int32)
+    k = np.ascontiguousarray(keys, dtype=np.uint8)
+    v = np.ascontiguousarray(values, dtype=np.uint8)
+    n = len(pos)
+    scores = np.empty((n_head, n), dtype=np.float32)
+    tpos = np.full((n_head, 2), np.nan, dtype=np.float32)
+    _check("llama_kv_score_cells", llama.llama_kv_score_cells(
+        ctx, il_kv, n, ffi.from_buffer("int32_t[]", pos), ffi.from_buffer("uint8_t[]", k),
+        ffi.from_buffer("uint8_t[]", v), pos_rows, alpha, n_select, ffi.from_buffer("float[]", scores),
+        ffi.from_buffer("float[]", tpos)))
+    return scores, tpos

@@ -25,6 +25,7 @@ extern "C" {
         LLAMA_KV_ERR_SHARED_CELL  = -6, // a cell of seq_id is shared with another sequence
         LLAMA_KV_ERR_NO_WINDOW    = -7, // no query window, or no query captured yet
         LLAMA_KV_ERR_COMPUTE      = -8, // the scoring graph could not be built or run
+        LLAMA_KV_ERR_NO_ROOM      = -9, // not enough free cells
     };
 
     // A sentence for an llama_kv_err (a static string; "unknown error" for other values)
@@ -145,6 +146,87 @@ extern "C" {
 
     // Number of layers that the last scoring pass scored with the fused op, or < 0 on error
     LLAMA_API int32_t llama_kv_score_n_fused(struct llama_context * ctx);
+
+    //
+    // Document tier
+    //
+    // A tier keeps the K/V of every cell a document read produced (pyrestkv writes it to a file), so
+    // that each later question can score all of them and recall the ones it needs into the cache.
+    // These functions move the bytes and score them; the file is the caller's. One cell's K/V, for
+    // every layer of a part, is laid out as: per layer, the n key rows, then the n value rows (a row
+    // per cell, also where the cache keeps V transposed), in the cache's types.
+    //
+
+    // Which cache of the memory
+    enum llama_kv_part {
+        LLAMA_KV_PART_SCORED = 0, // the plain cache, or the full-attention half of an iSWA cache
+        LLAMA_KV_PART_SWA    = 1, // the sliding-window half of an iSWA cache (no layers elsewhere)
+    };
+
+    // Number of layers of a part (0: the part does not exist), or < 0 on error
+    LLAMA_API int32_t llama_kv_part_n_layer(struct llama_context * ctx, int32_t part);
+
+    // Layer il of a part: the ggml_type and the bytes per cell of its keys (is_v false) or values
+    LLAMA_API int32_t llama_kv_part_layer_type(struct llama_context * ctx, int32_t part, int32_t il, bool is_v);
+    LLAMA_API int64_t llama_kv_part_row_size(struct llama_context * ctx, int32_t part, int32_t il, bool is_v);
+
+    // The positions of the cells of seq_id in a part, ascending: writes at most n_max to out_pos.
+    // Returns the number of cells, or < 0 on error
+    LLAMA_API int32_t llama_kv_part_seq_positions(
+            struct llama_context * ctx,
+                         int32_t   part,
+                    llama_seq_id   seq_id,
+                       llama_pos * out_pos,
+                         int32_t   n_max);
+
+    // Copies the K/V of the n cells of seq_id at the given positions (each held by exactly one cell)
+    // out of a part into dst (size bytes, at least what n cells take).
+    // Returns the bytes written, or < 0 on error
+    LLAMA_API int64_t llama_kv_seq_get_kv(
+            struct llama_context * ctx,
+                         int32_t   part,
+                    llama_seq_id   seq_id,
+               const llama_pos   * pos,
+                         int32_t   n,
+                            void * dst,
+                         int64_t   size);
+
+    // Puts n cells into seq_id, which must hold no cell of the part yet: cell i at position pos[i],
+    // holding token tok[i] (tok may be NULL), its K/V from src (size: exactly what n cells take). Its
+    // keys were rotated at pos_rot[i] (pos_rot NULL: at pos[i]); the next decode re-rotates them to
+    // pos[i] with one K-shift, so positions that repeated when they were read may be made dense.
+    // Returns n, or < 0 on error (LLAMA_KV_ERR_NO_ROOM: fewer than n free cells)
+    LLAMA_API int32_t llama_kv_seq_put_kv(
+            struct llama_context * ctx,
+                         int32_t   part,
+                    llama_seq_id   seq_id,
+               const llama_pos   * pos,
+               const llama_pos   * pos_rot,
+             const llama_token   * tok,
+                         int32_t   n,
+                      const void * src,
+                         int64_t   size);
+
+    // Scores n cells from outside the cache (a tier's) for scored layer il_kv: k and v hold the
+    // cells' keys and values of that layer (a row per cell, in the cache's types). The pinned rows
+    // alone score them (pin a question's queries first), placed after the cells in the order pos
+    // gives them (the causal mask and the mean top positions use pos) and re-rotated to positions
+    // pos_rows, pos_rows + 1, ... (< 0: right after the last of pos). Writes out_score[n_head][n]
+    // and, if n_select > 0, out_tpos[n_head][2], as llama_kv_seq_score does. Scratch: this layer's
+    // n cells of K/V, allocated next to the layer's cache for the call.
+    // Returns n, or < 0 on error
+    LLAMA_API int32_t llama_kv_score_cells(
+            struct llama_context * ctx,
+                         int32_t   il_kv,
+                         int32_t   n,
+               const llama_pos   * pos,
+                      const void * k,
+                      const void * v,
+                       llama_pos   pos_rows,
+                           float   alpha,
+                         int32_t   n_select,
+                           float * out_score,
+                           float * out_tpos);
 
 #ifdef __cplusplus
 }

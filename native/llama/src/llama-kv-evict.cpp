@@ -241,6 +241,7 @@ const char * llama_kv_strerror(int32_t err) {
         case LLAMA_KV_ERR_SHARED_CELL:  return "a KV cell is shared with another sequence";
         case LLAMA_KV_ERR_NO_WINDOW:    return "no query window: call llama_kv_set_query_window and decode first";
         case LLAMA_KV_ERR_COMPUTE:      return "the scoring graph could not be built or run";
+        case LLAMA_KV_ERR_NO_ROOM:      return "not enough free KV cells";
     }
     return "unknown error";
 }

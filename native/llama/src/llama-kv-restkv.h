@@ -1,5 +1,6 @@
 // pyrestkv inside llama.cpp: eviction (llama-kv-evict.cpp), the query window captured inside the
-// normal graph (llama-kv-query-window.cpp) and the ReST-KV scoring pass (llama-kv-score.cpp).
+// normal graph (llama-kv-query-window.cpp), the ReST-KV scoring pass (llama-kv-score.cpp) and the
+// copies of cells to and from a document tier (llama-kv-tier.cpp).
 //
 // llama_kv_cache owns one llama_kv_restkv through its `restkv` pointer (created by the first call that
 // sets the query window or the scoring mode) and names it a friend, as do llama_kv_cache_context and
@@ -158,9 +159,36 @@ struct llama_kv_restkv {
     static void read_layer(const llama_kv_score_result & res, const llama_kv_score_plan & plan, int32_t n_head,
                            const std::vector<uint32_t> & order, int32_t n_max, float * out_score, float * out_tpos);
 
+    // score n cells that are not in the cache (a document tier's: layer ikv's keys k and values v, a
+    // row per cell, in the cache's types) with the pinned rows alone, placed right after the cells
+    // and re-rotated to pos_rows (< 0: right after the cells). pos orders the cells for the causal
+    // mask and the mean top positions. Scratch: these cells' K/V next to the layer's cache
+    static int32_t score_cells(llama_kv_cache & kv, llama_context & lctx, int32_t ikv, int32_t n, const llama_pos * pos,
+                               const uint8_t * k, const uint8_t * v, llama_pos pos_rows, float alpha, int32_t n_select,
+                               float * out_score, float * out_tpos);
+
     // tests only (include/llama-restkv-debug.h, llama-kv-score-debug.cpp): a layer's tensor as f32 rows
     static int64_t debug_tensor(llama_kv_cache & kv, llama_context & lctx, int32_t ikv, int32_t kind, float * out,
                                 int64_t n_max, llama_pos * out_pos, int32_t n_pos_max);
+
+    //
+    // document tier (llama-kv-tier.cpp)
+    //
+
+    // layer il's keys (is_v false) or values; nullptr if il is out of range or the layer has none
+    static const ggml_tensor * tier_tensor(const llama_kv_cache & kv, int32_t il, bool is_v);
+
+    // bytes of n cells of every layer: per layer, n key rows then n value rows
+    static int64_t tier_bytes(const llama_kv_cache & kv, int32_t n);
+
+    // copy the K/V of the cells of seq_id at positions pos (each held by one cell) into dst, in the
+    // layout of tier_bytes(); returns the bytes written, or < 0 on error
+    static int64_t tier_get(llama_kv_cache & kv, llama_seq_id seq_id, const llama_pos * pos, int32_t n, uint8_t * dst);
+
+    // put n cells into the (empty) sequence seq_id: positions pos, keys rotated at pos_rot (nullptr:
+    // at pos; else a K-shift to pos follows at the next decode), tokens tok (may be nullptr)
+    static int32_t tier_put(llama_kv_cache & kv, llama_seq_id seq_id, const llama_pos * pos, const llama_pos * pos_rot,
+                            const llama_token * tok, int32_t n, const uint8_t * src);
 
     //
     // state

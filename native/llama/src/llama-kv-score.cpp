@@ -6,6 +6,8 @@
 //   build_layer_fused()     one layer as GGML_OP_RESTKV_SCORE (native/ggml), or
 //   build_layer_composed()  the same from ordinary ggml ops (quantized caches, other backends)
 //   read_layer()            one layer's result back to the caller
+//   score_cells()           one layer over cells from outside the cache (a document tier), with the
+//                           pinned rows of a question
 // The layer builders take the K/V as llama_kv_score_kv views, so they can score any store of cells.
 
 #include "llama-kv-restkv.h"
@@ -187,6 +189,21 @@ int32_t llama_kv_restkv::score_n_head(const llama_kv_cache & kv) {
     return n_head;
 }
 
+// row weights, oldest first. EMA: the newest weighted alpha, the oldest (1 - alpha)^(R-1)
+static void llama_kv_score_row_weights(llama_kv_score_rows rows, float alpha, llama_kv_score_plan & plan) {
+    const int32_t n_row = plan.n_row();
+    plan.row_weight.resize(n_row);
+    for (int32_t r = 0; r < n_row; ++r) {
+        switch (rows) {
+            case LLAMA_KV_SCORE_ROWS_MEAN: plan.row_weight[r] = 1.0f/n_row;                   break;
+            case LLAMA_KV_SCORE_ROWS_LAST: plan.row_weight[r] = r == n_row - 1 ? 1.0f : 0.0f; break;
+            case LLAMA_KV_SCORE_ROWS_EMA:
+                plan.row_weight[r] = (r == 0 ? 1.0f : alpha) * powf(1.0f - alpha, (float) (n_row - 1 - r));
+                break;
+        }
+    }
+}
+
 int32_t llama_kv_restkv::plan_pass(const llama_kv_cache & kv, llama_seq_id seq_id, float alpha, int32_t n_select,
                                    llama_kv_score_plan & plan) {
     const llama_kv_restkv & st = *kv.restkv;
@@ -231,17 +248,7 @@ int32_t llama_kv_restkv::plan_pass(const llama_kv_cache & kv, llama_seq_id seq_i
         }
     }
 
-    // row weights, oldest first. EMA: the newest weighted alpha, the oldest (1 - alpha)^(R-1)
-    plan.row_weight.resize(n_row);
-    for (int32_t r = 0; r < n_row; ++r) {
-        switch (st.rows) {
-            case LLAMA_KV_SCORE_ROWS_MEAN: plan.row_weight[r] = 1.0f/n_row;                       break;
-            case LLAMA_KV_SCORE_ROWS_LAST: plan.row_weight[r] = r == n_row - 1 ? 1.0f : 0.0f;     break;
-            case LLAMA_KV_SCORE_ROWS_EMA:
-                plan.row_weight[r] = (r == 0 ? 1.0f : alpha) * powf(1.0f - alpha, (float) (n_row - 1 - r));
-                break;
-        }
-    }
+    llama_kv_score_row_weights(st.rows, alpha, plan);
 
     plan.n_select = n_select > 0 && n_select < plan.n_kv ? n_select : 0;
     plan.output   = st.output;
@@ -630,6 +637,106 @@ int32_t llama_kv_restkv::score(llama_kv_cache & kv, llama_context & lctx, llama_
 }
 
 //
+// scoring cells from outside the cache
+//
+
+int32_t llama_kv_restkv::score_cells(llama_kv_cache & kv, llama_context & lctx, int32_t ikv, int32_t n,
+                                     const llama_pos * pos, const uint8_t * k_src, const uint8_t * v_src,
+                                     llama_pos pos_rows, float alpha, int32_t n_select, float * out_score, float * out_tpos) {
+    llama_kv_restkv * st = kv.restkv.get();
+    if (st == nullptr || st->n_window == 0 || st->pin_slots.empty()) {
+        return LLAMA_KV_ERR_NO_WINDOW; // the question's rows must be pinned
+    }
+    const auto & layer = kv.layers[ikv];
+    if (layer.v == nullptr) {
+        return LLAMA_KV_ERR_UNSUPPORTED;
+    }
+    if (!st->gram_ready && !gram_prepare(kv, lctx)) {
+        return LLAMA_KV_ERR_COMPUTE;
+    }
+
+    // the pinned rows alone, right after the last cell; re-rotated to pos_rows (where the cells'
+    // keys expect the question)
+    llama_kv_score_plan plan;
+    plan.n_kv  = n;
+    plan.n_win = 0;
+    plan.n_pin = (int32_t) st->pin_slots.size();
+
+    llama_pos pos_end = 0;
+    for (int32_t i = 0; i < n; ++i) {
+        pos_end = std::max(pos_end, pos[i] + 1);
+    }
+    plan.cell_pos.assign(pos, pos + n);
+    plan.pos_window = pos_end;
+    plan.row_pos.resize(plan.n_pin);
+    plan.pin_shift.resize(plan.n_pin);
+    for (int32_t r = 0; r < plan.n_pin; ++r) {
+        plan.row_pos[r]   = pos_end + r;
+        plan.pin_shift[r] = (pos_rows >= 0 ? pos_rows : pos_end) + r - st->pin_pos[r];
+    }
+    llama_kv_score_row_weights(st->rows, alpha, plan);
+    plan.n_select = n_select > 0 && n_select < n ? n_select : 0;
+    plan.output   = st->output;
+
+    // the cells' K/V, uploaded next to the layer's cache: this layer's tier and nothing more
+    ggml_init_params params = {
+        /*.mem_size   =*/ 2*ggml_tensor_overhead(),
+        /*.mem_buffer =*/ nullptr,
+        /*.no_alloc   =*/ true,
+    };
+    ggml_context_ptr ctx_kv(ggml_init(params));
+    if (!ctx_kv) {
+        return LLAMA_KV_ERR_COMPUTE;
+    }
+    llama_kv_score_kv kvl;
+    kvl.k       = ggml_new_tensor_2d(ctx_kv.get(), layer.k->type, layer.k->ne[0], n);
+    kvl.v       = ggml_new_tensor_2d(ctx_kv.get(), layer.v->type, layer.v->ne[0], n);
+    kvl.v_trans = false;
+    ggml_backend_buffer_ptr buf(ggml_backend_alloc_ctx_tensors_from_buft(ctx_kv.get(), ggml_backend_buffer_get_type(layer.k->buffer)));
+    if (!buf) {
+        return LLAMA_KV_ERR_COMPUTE;
+    }
+    ggml_backend_tensor_set(kvl.k, k_src, 0, ggml_nbytes(kvl.k));
+    ggml_backend_tensor_set(kvl.v, v_src, 0, ggml_nbytes(kvl.v));
+
+    llama_kv_score_result result;
+    const bool ok = llama_kv_run_side_graph(lctx, kv, [&](ggml_context * ctx, ggml_cgraph * gf, llm_graph_input_kv_side & inp) {
+        inp.k_rot = kv.build_input_k_rot(ctx);
+
+        llama_kv_score_inputs in;
+        llama_kv_score_add_inputs(inp, ctx, plan, *st, in);
+
+        ggml_tensor * q = build_rows(kv, lctx, ctx, ikv, plan, in, inp.k_rot);
+
+        if (st->kernel != LLAMA_KV_SCORE_KERNEL_COMPOSED && llama_kv_score_fusable(kvl.k, kvl.v)) {
+            ggml_tensor * t = build_layer_fused(ctx, q, kvl, st->gram[ikv], in, plan, st->kq_scale[ikv]);
+            ggml_backend_dev_t dev = llama_kv_score_device(layer.k);
+            if (st->kernel == LLAMA_KV_SCORE_KERNEL_FUSED || (dev && ggml_backend_dev_supports_op(dev, t))) {
+                ggml_set_output(t);
+                ggml_build_forward_expand(gf, t);
+                result.score = t;
+                result.fused = true;
+                return;
+            }
+        }
+        llama_kv_score_add_composed_inputs(inp, ctx, plan, in);
+        result = build_layer_composed(ctx, gf, q, kvl, st->gram[ikv], in, plan, st->kq_scale[ikv]);
+    });
+    if (!ok) {
+        return LLAMA_KV_ERR_COMPUTE;
+    }
+
+    std::vector<uint32_t> order(n);
+    for (int32_t i = 0; i < n; ++i) {
+        order[i] = i;
+    }
+    read_layer(result, plan, score_n_head(kv), order, n, out_score, out_tpos);
+    st->n_fused_last = result.fused ? 1 : 0;
+
+    return n;
+}
+
+//
 // C API
 //
 
@@ -669,4 +776,20 @@ int32_t llama_kv_score_n_fused(llama_context * ctx) {
         return LLAMA_KV_ERR_UNSUPPORTED;
     }
     return kv->restkv ? kv->restkv->n_fused_last : 0;
+}
+
+int32_t llama_kv_score_cells(llama_context * ctx, int32_t il_kv, int32_t n, const llama_pos * pos, const void * k,
+                             const void * v, llama_pos pos_rows, float alpha, int32_t n_select, float * out_score,
+                             float * out_tpos) {
+    llama_kv_cache * kv = llama_kv_score_cache(ctx);
+    if (!kv) {
+        return ctx && ctx->get_memory() ? LLAMA_KV_ERR_UNSUPPORTED : LLAMA_KV_ERR_NO_MEMORY;
+    }
+    if (il_kv < 0 || il_kv >= llama_kv_restkv::score_n_layer(*kv) || n <= 0 || !pos || !k || !v || !out_score ||
+        (n_select > 0 && !out_tpos) || !(alpha > 0.0f && alpha <= 1.0f) || llama_kv_restkv::score_n_head(*kv) < 0) {
+        return LLAMA_KV_ERR_BAD_ARG;
+    }
+    ctx->synchronize();
+    return llama_kv_restkv::score_cells(*kv, *ctx, il_kv, n, pos, (const uint8_t *) k, (const uint8_t *) v, pos_rows,
+            alpha, n_select, out_score, out_tpos);
 }
