@@ -236,6 +236,8 @@ class Llama(llama_cpp.Llama):
             self._token0_logits = None
 
         self._probe_override = None  # kv_probe's query while its block runs
+        self._on_decoded = None  # called with each decoded chunk's positions and tokens (document reads)
+        self._intact_limit = None  # leading tokens that prefix reuse may take at most (after a recall)
         self.last_probe: list = []  # the tokens of the last question probe
         self._token_pos = np.full(len(self.input_ids), -1, dtype=np.int32)
         self._n_logical = 0  # tokens our books describe; self.n_tokens may be lowered by llama_cpp
@@ -254,8 +256,13 @@ class Llama(llama_cpp.Llama):
 
     def close(self) -> None:
         # arguments are checked before llama_cpp.Llama.__init__ runs; a rejected object has nothing to free
+        self._closed = True
         if hasattr(self, "_stack"):
             super().close()
+
+    def _check_open(self, what: str) -> None:
+        if getattr(self, "_closed", False):
+            raise RuntimeError(f"{what}: this Llama was closed; open the model again (and llm.open(path) a saved document)")
 
     # ------------------------------------------------------------------ books
 
@@ -280,7 +287,7 @@ class Llama(llama_cpp.Llama):
 
     def _intact_prefix(self) -> int:
         """Leading tokens still cached at their original positions (safe to reuse)."""
-        n = self._n_logical
+        n = self._n_logical if self._intact_limit is None else min(self._n_logical, self._intact_limit)
         moved = np.flatnonzero(self._token_pos[:n] != np.arange(n, dtype=np.int32))
         return int(moved[0]) if len(moved) else n
 
@@ -288,6 +295,8 @@ class Llama(llama_cpp.Llama):
         """llama_cpp lowered self.n_tokens (reset, prefix reuse, rollback): drop the cached tokens
         past it, so the cache holds exactly what our books say."""
         n = self.n_tokens
+        if n == 0:
+            self._intact_limit = None
         if n >= self._n_logical:
             return
         tail = self._token_pos[n : self._n_logical]
@@ -434,6 +443,8 @@ class Llama(llama_cpp.Llama):
             while i < len(tokens):
                 n = self._room_for(min(self.n_batch, len(tokens) - i))
                 self._decode_chunk(tokens[i : i + n])
+                if self._on_decoded is not None:  # a document read: the new cells go to its tier
+                    self._on_decoded(np.arange(self._pos_next - n, self._pos_next, dtype=np.int32), tokens[i : i + n])
                 i += n
                 if i == len(tokens) and pinned:
                     # the prompt's tail is now really in the cache and in the window
@@ -623,6 +634,32 @@ class Llama(llama_cpp.Llama):
 
         return ask(self, document, question, text=text, path=path, max_tokens=max_tokens, layout=layout,
                    question_queries=question_queries, stream=stream, temperature=temperature)
+
+    def read(self, document=None, *, text: Optional[str] = None, path=None, tier=None):
+        """Read a document once under this Llama's kv_budget, keeping every cell's K/V in a tier on
+        disk, so that each question recalls the cells it needs without reading it again.
+
+        Args:
+            document, text, path: the document, as for ask().
+            tier: the tier file to write (default: a temporary file in $PYRESTKV_TIER_DIR or the
+                system's temporary directory, removed when the document is closed; doc.save()
+                keeps it).
+        Returns a pyrestkv.session.Document:
+
+            doc = llm.read("report.txt")
+            doc.ask("What was the revenue in 2023?")
+            doc.ask("Who signed the audit?")        # no re-read
+            doc.save("report.kvdoc")                # later: llm.open("report.kvdoc")
+        """
+        from .session import read
+
+        return read(self, document, text=text, path=path, tier=tier)
+
+    def open(self, path):
+        """A document that a Llama of the same model and K/V types read and saved (doc.save(path))."""
+        from .session import open_document
+
+        return open_document(self, path)
 
     # ------------------------------------------------------------------ stats
 

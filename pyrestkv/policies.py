@@ -289,13 +289,18 @@ class BudgetPolicy(KVPolicy):
     def evict_to_budget(self, view: CacheView) -> Eviction | None:
         if len(view.positions) <= self.budget:
             return None
+        pos, evict = self.choose(view, self.budget)
+        self.evicted(pos, evict)
+        return Eviction(positions=pos[evict], compact=self.positions == "compact")
+
+    def choose(self, view: CacheView, n_keep: int) -> tuple:
+        """(positions, indices of the cells to evict so that n_keep remain): the lowest rated, never
+        the leading ones `rate` protects nor the last `window`. A document session recalls with it."""
         pos, cell, n_lead = self.rate(view)
         protect = np.zeros(len(pos), dtype=np.uint8)
         protect[:n_lead] = 1
         protect[max(0, len(pos) - self.window):] = 1
-        evict = _binding.select_evict(cell, self.budget, protect)
-        self.evicted(pos, evict)
-        return Eviction(positions=pos[evict], compact=self.positions == "compact")
+        return pos, _binding.select_evict(cell, n_keep, protect)
 
     def rate(self, view: CacheView):
         """(positions, one score per cell (higher is kept), how many leading cells to keep always)."""

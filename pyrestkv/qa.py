@@ -85,6 +85,30 @@ def resolve_budget(budget: Union[int, float, str], n_doc_tokens: int) -> int:
     return max(MIN_BUDGET, int(round(frac * n_doc_tokens)))
 
 
+def collect_answer(chunks, emit: Callable[[str], None], chat: bool) -> None:
+    """Pass each piece of a streamed answer (llama_cpp's chat completion or completion chunks) to
+    emit. A base model (chat False) goes on to invent the next question: its answer ends at the
+    first blank line after it began (not at the line breaks it may start with)."""
+    pieces = []
+    for chunk in chunks:
+        choice = chunk["choices"][0]
+        piece = choice["delta"].get("content") if "delta" in choice else choice["text"]
+        if not piece:
+            continue
+        if not chat:
+            so_far = "".join(pieces).lstrip()
+            answer = (so_far + piece) if so_far else piece.lstrip()
+            cut = min((i for i in (answer.find("\n\n"), answer.find("\nQuestion:")) if i >= 0), default=-1)
+            if cut >= 0:
+                if answer[len(so_far):cut]:
+                    pieces.append(answer[len(so_far):cut])
+                    emit(pieces[-1])
+                chunks.close()
+                return
+        pieces.append(piece)
+        emit(piece)
+
+
 def ask(llm, document=None, question: Optional[str] = None, *, text: Optional[str] = None, path=None,
         max_tokens: int = 128, layout: str = "after", question_queries: str = "tail",
         stream: Optional[Callable[[str], None]] = None, temperature: float = 0.0) -> AskResult:
@@ -121,28 +145,11 @@ def ask(llm, document=None, question: Optional[str] = None, *, text: Optional[st
         if llm.metadata.get("tokenizer.chat_template"):
             chunks = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=temperature,
                                                 stream=True)
-            for chunk in chunks:
-                piece = chunk["choices"][0]["delta"].get("content")
-                if piece:
-                    emit(piece)
+            collect_answer(chunks, emit, chat=True)
         else:  # a base model: plain text, the answer after "Answer:"
             prompt = messages[0]["content"] + "\n\nAnswer:"
             chunks = llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, stream=True)
-            for chunk in chunks:
-                piece = chunk["choices"][0]["text"]
-                if not piece:
-                    continue
-                # a base model goes on to invent the next question: the answer ends at the first blank
-                # line after it began (not at the line breaks it may start with)
-                so_far = "".join(pieces).lstrip()
-                answer = (so_far + piece) if so_far else piece.lstrip()
-                cut = min((i for i in (answer.find("\n\n"), answer.find("\nQuestion:")) if i >= 0), default=-1)
-                if cut >= 0:
-                    if answer[len(so_far):cut]:
-                        emit(answer[len(so_far):cut])
-                    chunks.close()
-                    break
-                emit(piece)
+            collect_answer(chunks, emit, chat=False)
     seconds = time.perf_counter() - t0
     stats = llm.kv_stats()
     answer = "".join(pieces).strip()
