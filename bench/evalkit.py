@@ -150,8 +150,9 @@ def partial_path(suite: str, args) -> Path:
     return RESULTS / f"{suite}-{args.tag or args.model}.partial.jsonl"
 
 
-def load_partial(path: Path) -> dict:
-    """The answers a previous sitting appended, by row_key (a torn last line is dropped)."""
+def load_partial(path: Path, key=None) -> dict:
+    """The answers a previous sitting appended, by key(row) (default row_key; a torn last line is dropped)."""
+    key = key or row_key
     done = {}
     if path.exists():
         for line in path.read_text().splitlines():
@@ -159,7 +160,7 @@ def load_partial(path: Path) -> dict:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            done[row_key(row)] = row
+            done[key(row)] = row
     return done
 
 

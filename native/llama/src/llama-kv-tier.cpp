@@ -211,24 +211,25 @@ int32_t llama_kv_part_n_layer(llama_context * ctx, int32_t part) {
     return ok <= 0 ? ok : llama_kv_restkv::score_n_layer(*kv);
 }
 
-int32_t llama_kv_part_layer_type(llama_context * ctx, int32_t part, int32_t il, bool is_v) {
+// layer il's keys (is_v false) or values of a part; nullptr with err set on error
+static const ggml_tensor * llama_kv_part_tensor(llama_context * ctx, int32_t part, int32_t il, bool is_v, int32_t & err) {
     llama_kv_cache * kv = nullptr;
     const int32_t ok = llama_kv_part_check(ctx, part, 0, &kv);
-    if (ok <= 0) {
-        return ok < 0 ? ok : LLAMA_KV_ERR_BAD_ARG;
-    }
-    const ggml_tensor * t = llama_kv_restkv::tier_tensor(*kv, il, is_v);
-    return t ? (int32_t) t->type : LLAMA_KV_ERR_BAD_ARG;
+    const ggml_tensor * t = ok > 0 ? llama_kv_restkv::tier_tensor(*kv, il, is_v) : nullptr;
+    err = ok < 0 ? ok : LLAMA_KV_ERR_BAD_ARG;
+    return t;
+}
+
+int32_t llama_kv_part_layer_type(llama_context * ctx, int32_t part, int32_t il, bool is_v) {
+    int32_t err = 0;
+    const ggml_tensor * t = llama_kv_part_tensor(ctx, part, il, is_v, err);
+    return t ? (int32_t) t->type : err;
 }
 
 int64_t llama_kv_part_row_size(llama_context * ctx, int32_t part, int32_t il, bool is_v) {
-    llama_kv_cache * kv = nullptr;
-    const int32_t ok = llama_kv_part_check(ctx, part, 0, &kv);
-    if (ok <= 0) {
-        return ok < 0 ? ok : LLAMA_KV_ERR_BAD_ARG;
-    }
-    const ggml_tensor * t = llama_kv_restkv::tier_tensor(*kv, il, is_v);
-    return t ? (int64_t) ggml_row_size(t->type, t->ne[0]) : LLAMA_KV_ERR_BAD_ARG;
+    int32_t err = 0;
+    const ggml_tensor * t = llama_kv_part_tensor(ctx, part, il, is_v, err);
+    return t ? (int64_t) ggml_row_size(t->type, t->ne[0]) : err;
 }
 
 int32_t llama_kv_part_seq_positions(llama_context * ctx, int32_t part, llama_seq_id seq_id, llama_pos * out_pos,
