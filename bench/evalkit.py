@@ -95,8 +95,12 @@ def training_context(path: str) -> int:
     import llama_cpp
 
     vocab = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
-    n = int(vocab._model.n_ctx_train())
+    # a vocabulary-only model loads no hyperparameters (its n_ctx_train() is 0): read the metadata
+    arch = vocab.metadata.get("general.architecture", "")
+    n = int(vocab.metadata.get(f"{arch}.context_length", 0))
     vocab.close()
+    if n <= 0:
+        raise SystemExit(f"{path} names no training context ({arch}.context_length) in its metadata")
     return n
 
 

@@ -42,7 +42,7 @@ from .documents import read_document
 from .llama import llama_cpp
 from .policies import BudgetPolicy, CacheView
 from .qa import QA_INSTRUCTION, AskResult, collect_answer, qa_messages
-from .tier import TierError, TierFile, TierWriter, tier_path
+from .tier import TierError, TierFile, TierWriter, default_tier_dir, tier_path
 
 #: stands for the question while the chat template is rendered, to find where the document ends
 _QUESTION_MARK = "\ue000question\ue000"
@@ -156,15 +156,15 @@ def read(llm, document=None, *, text: Optional[str] = None, path=None, tier=None
     layout = _binding.part_layout(ctx, _binding.PART_SCORED)
     swa_layout = _binding.part_layout(ctx, _binding.PART_SWA)
     cell_bytes = sum(k + v for _, k, _, v in layout)
-    final, temporary = tier_path(tier)
-    if final.exists() and final.is_dir():
-        raise IsADirectoryError(f"tier must be a file path, got a directory: {final}")
-
+    if tier is not None and Path(tier).is_dir():
+        raise IsADirectoryError(f"tier must be a file path, got a directory: {tier}")
     t0 = time.perf_counter()
     try:
+        final, temporary = tier_path(tier)
         writer = TierWriter(final, layout)
     except OSError as e:
-        raise OSError(e.errno, f"cannot write the document tier in {final.parent}: {e.strerror}. "
+        where = Path(tier).parent if tier is not None else default_tier_dir()
+        raise OSError(e.errno, f"cannot write the document tier in {where}: {e.strerror}. "
                                "Pass tier= a path where it can be written, or set PYRESTKV_TIER_DIR") from e
 
     def capture(positions: np.ndarray, chunk: list) -> None:
@@ -184,7 +184,12 @@ def read(llm, document=None, *, text: Optional[str] = None, path=None, tier=None
         end_cells = np.flatnonzero(llm._token_pos[:n] >= 0).astype(np.int32)
         end_positions = llm._token_pos[end_cells].astype(np.int32)
         swa_positions = _binding.part_seq_positions(ctx, _binding.PART_SWA)
-        swa_cells = end_cells[np.searchsorted(end_positions, swa_positions)] if len(swa_positions) else np.empty(0, np.int32)
+        where = np.searchsorted(end_positions, swa_positions)
+        if len(swa_positions) and not np.array_equal(end_positions[np.minimum(where, len(end_positions) - 1)],
+                                                     swa_positions):
+            raise RuntimeError("the sliding-window half holds cells the full-attention half does not: "
+                               "the cache's halves are out of step, and the document cannot be kept")
+        swa_cells = end_cells[where] if len(swa_positions) else np.empty(0, np.int32)
         swa_bytes = sum(k + v for _, k, _, v in swa_layout)
         swa_kv = (_binding.seq_get_kv(ctx, _binding.PART_SWA, swa_positions, len(swa_positions) * swa_bytes)
                   if len(swa_positions) else np.empty(0, np.uint8))
@@ -231,9 +236,11 @@ def open_document(llm, path) -> "Document":
                             f"{sorted({x[0] for x in want} | {x[2] for x in want})}, this Llama's "
                             f"{sorted({x[0] for x in have} | {x[2] for x in have})}): open it with the "
                             "type_k and type_v it was read with")
-    if len(tier.array("end_cells")) > llm.n_ctx():
-        raise ValueError(f"{path} ended its read with {len(tier.array('end_cells'))} cells, more than this Llama's "
-                         f"n_ctx={llm.n_ctx()}: open it with a larger kv_budget")
+    policy = llm.kv_policy
+    if len(tier.array("end_cells")) + policy.window > llm.n_ctx():
+        raise ValueError(f"{path} ended its read with {len(tier.array('end_cells'))} cells, which with the question's "
+                         f"probe ({policy.window} tokens) do not fit this Llama's n_ctx={llm.n_ctx()}: open it with "
+                         "a larger kv_budget or n_ctx")
     return Document(llm, tier, temporary=False, read_stats=None)
 
 
@@ -374,6 +381,9 @@ class Document:
         if llm._scoring is not None:
             with llm.kv_probe("tail"):
                 pinned = llm._probe_query(suffix)
+            if not pinned:  # the cells the read ended with leave no room for the probe
+                raise ValueError(f"this Llama's n_ctx={llm.n_ctx()} leaves no room for the question's probe after "
+                                 f"the {len(end_cells)} cells the read ended with: open it with a larger n_ctx")
 
         # 2. every cell of the tier, scored layer by layer with the question's rows
         n = tier.n_cells

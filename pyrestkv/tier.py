@@ -192,14 +192,6 @@ class TierFile:
         self.map = None
 
 
-def split_rows(kv_bytes: np.ndarray, layout: list, n: int) -> np.ndarray:
-    """Bytes in seq_get_kv's layout for n cells, checked against the layout."""
-    need = n * sum(k_row + v_row for _, k_row, _, v_row in layout)
-    if len(kv_bytes) != need:
-        raise ValueError(f"{len(kv_bytes)} bytes of K/V for {n} cells that take {need}")
-    return kv_bytes
-
-
 def default_tier_dir() -> Path:
     """Where tiers go unless a path is given: $PYRESTKV_TIER_DIR, else the system's temporary directory."""
     return Path(os.environ.get("PYRESTKV_TIER_DIR") or tempfile.gettempdir())

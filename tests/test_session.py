@@ -191,6 +191,19 @@ def test_a_saved_document_answers_in_a_new_llama(model_path, smol_doc, tmp_path)
     llm.close()
 
 
+def test_a_saved_document_asks_under_another_budget_or_says_it_does_not_fit(model_path, smol_doc, tmp_path):
+    path = smol_doc.save(tmp_path / "doc.kvdoc")
+    smaller = open_llama(model_path, kv_policy="restkv", kv_budget=384, n_batch=512)
+    result = smaller.open(path).ask(SMOL_CASES[0].question, max_tokens=8)
+    assert result.kv_stats["cells_recalled"] <= 384 and result.kv_stats["budget"] == 384
+    smaller.close()
+    # the read ended with 512 cells; with the probe they need more than this cache's 384 + 128
+    tight = open_llama(model_path, kv_policy="restkv", kv_budget=384, n_batch=128)
+    with pytest.raises(ValueError, match="do not fit this Llama's n_ctx=512"):
+        tight.open(path)
+    tight.close()
+
+
 def test_a_temporary_tier_is_removed_when_its_document_closes(smol):
     doc = smol.read(text="Important note: the rescue ship was called the Marigold. " * 20)
     path = doc.path
@@ -357,3 +370,12 @@ def test_the_tier_survives_being_moved(smol_doc, tmp_path, smol):
     doc = smol.open(moved)
     assert doc.n_tokens == smol_doc.n_tokens
     doc.close()
+
+
+def test_a_tier_that_cannot_be_written_where_asked_is_refused_before_reading(smol, tmp_path):
+    with pytest.raises(IsADirectoryError, match="tier must be a file path"):
+        smol.read(text="Some text.", tier=tmp_path)
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    with pytest.raises(OSError, match="cannot write the document tier in .*PYRESTKV_TIER_DIR"):
+        smol.read(text="Some text.", tier=blocked / "doc.kvdoc")  # its directory is a file
