@@ -278,8 +278,8 @@ def markdown(result: dict, by=("arm", "budget")) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, dest: Path) -> Path | None:
-    """Accuracy against budget, one line per arm; the full cache as a horizontal line."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (with a note) where matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -287,6 +287,14 @@ def plot(result: dict, dest: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plot", file=sys.stderr)
+        return None
+    return plt
+
+
+def plot(result: dict, dest: Path) -> Path | None:
+    """Accuracy against budget, one line per arm; the full cache as a horizontal line."""
+    plt = pyplot()
+    if plt is None:
         return None
     rows = summarize(result)
     fig, ax = plt.subplots(figsize=(6, 4))

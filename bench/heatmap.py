@@ -19,7 +19,7 @@ import sys
 from fractions import Fraction
 from pathlib import Path
 
-from evalkit import full_fits, wilson
+from evalkit import full_fits, pyplot, wilson
 
 NOT_RUN, CANNOT_RUN = "not run", "cannot run"
 
@@ -200,18 +200,6 @@ def wins_by_length(result: dict, arm: str = "restkv") -> list:
     return lines
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
-        return None
-    return plt
-
-
 def _budgets_text(result: dict) -> str:
     budgets = sorted({b for _, b in grid_axes(result)["runs"] if b is not None}, key=_budget_order)
     return ", ".join(str(b) for b in budgets) or "none"
@@ -225,7 +213,7 @@ def plot_heatmap(result: dict, dest: Path) -> Path | None:
     """One panel per arm: x = document length, y = needle depth, colour = accuracy (one shared colour
     bar), each cell labelled hits/samples, "not run" or "cannot run" (grey); a dashed line where the
     documents stop fitting the training context."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     import numpy as np
@@ -275,7 +263,7 @@ def plot_heatmap(result: dict, dest: Path) -> Path | None:
 def plot_speed(result: dict, dest: Path) -> Path | None:
     """Median reading speed (tok/s) against document length (log scale), one line per arm, the
     interquartile range as error bars, the answers per point in the legend; the full cache dashed."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     speed = speed_by_length(result)

@@ -28,8 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from evalkit import RESULTS, budget_cells, full_fits, full_n_ctx, load_partial, model_path, normalize, summarize
-from evalkit import training_context
+from evalkit import RESULTS, budget_cells, full_fits, full_n_ctx, load_partial, model_path, normalize, pyplot
+from evalkit import summarize, training_context
 from niah import haystack, make_needle, pg_sentences
 
 ARMS = ("session", "ask", "full")
@@ -221,13 +221,9 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, dest: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
+    """Accuracy per arm against length (with the intervals) and the median seconds per question."""
+    plt = pyplot()
+    if plt is None:
         return None
     acc = summarize(result, by=("arm", "length"))
     lengths = sorted({r["length"] for r in acc})
