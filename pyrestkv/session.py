@@ -93,9 +93,6 @@ class DocumentPrompt:
     def prefix_tokens(self, llm) -> list:
         return llm.tokenize(self.prefix.encode(), add_bos=self.add_bos, special=True)
 
-    def question_tokens(self, llm, question: str) -> list:
-        return llm.tokenize((self.before + question.strip() + self.after).encode(), add_bos=False, special=True)
-
     def describe(self) -> dict:
         return {"chat": self.chat, "prefix_chars": len(self.prefix), "before": self.before, "after": self.after,
                 "add_bos": self.add_bos, "stop": self.stop}
