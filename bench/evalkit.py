@@ -3,7 +3,9 @@
 An *arm* is a policy under a budget: "full" (n_ctx = the whole prompt), "shift" (llama.cpp's context
 shift with n_ctx = budget + n_batch, the same memory as the others), or a budget policy ("restkv",
 "snapkv", "h2o", "tova", "streaming", "truncate"), question-aware by default, "<policy>:blind" for
-question-blind. Every arm answers through `Llama.ask`, so restkv is measured as users run it.
+question-blind, "<policy>:session" for a document session (`llm.read` of the document, question-blind,
+every cell to the tier, then `doc.ask`). Every arm answers through `Llama.ask` or `Document.ask`, so
+restkv is measured as users run it.
 
 Budgets are token counts or fractions of the document ("1/8"). Results are JSON (one row per sample
 and arm), a Markdown table (accuracy per arm and budget, with the sample count and a 95% Wilson
@@ -56,10 +58,12 @@ def parse_arms(text: str) -> list:
         policy, _, mode = a.partition(":")
         if policy not in POLICIES:
             raise SystemExit(f"unknown policy {policy!r} in --arms (one of {', '.join(POLICIES)})")
-        if mode not in ("", "blind"):
-            raise SystemExit(f"arm {a!r}: the only suffix is ':blind'")
+        if mode not in ("", "blind", "session"):
+            raise SystemExit(f"arm {a!r}: the suffixes are ':blind' and ':session'")
         if mode == "blind" and policy not in SCORED:
             raise SystemExit(f"arm {a!r}: {policy} does not score, so it has no question-blind variant")
+        if mode == "session" and policy in ("full", "shift"):
+            raise SystemExit(f"arm {a!r}: a document session needs a policy that keeps kv_budget cells")
         arms.append(a)
     return arms
 
@@ -119,6 +123,14 @@ def open_arm(path: str, arm: str, budget, n_doc: int, args):
 
 
 def ask(llm, arm: str, document: str, question: str, args) -> str:
+    if arm.endswith(":session"):
+        if args.layout != "after":
+            raise SystemExit(f"arm {arm!r}: a document session lays the question after the document (--layout after)")
+        doc = llm.read(text=document)
+        try:
+            return doc.ask(question, max_tokens=args.max_tokens).answer
+        finally:
+            doc.close()
     queries = "none" if arm.endswith(":blind") else args.queries
     return llm.ask(document, question, max_tokens=args.max_tokens, layout=args.layout,
                    question_queries=queries).answer
@@ -127,7 +139,8 @@ def ask(llm, arm: str, document: str, question: str, args) -> str:
 def common_args(ap, max_tokens: int = 32) -> None:
     ap.add_argument("--model", default="gemma3", help="smollm2, gemma3 or a GGUF path (default: gemma3)")
     ap.add_argument("--arms", default="full,shift,restkv,snapkv",
-                    help="policies, comma-separated; '<policy>:blind' for question-blind scoring")
+                    help="policies, comma-separated; '<policy>:blind' for question-blind scoring, '<policy>:session' "
+                         "for a document session (read once, then recall per question)")
     ap.add_argument("--budgets", default="1/8", help="token counts or fractions of the document (default: 1/8)")
     ap.add_argument("--layout", default=LAYOUTS[0], choices=LAYOUTS)
     ap.add_argument("--queries", default=QUESTION_QUERIES[0], choices=QUESTION_QUERIES,

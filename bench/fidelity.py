@@ -58,6 +58,10 @@ def main(argv=None) -> None:
     ap.add_argument("--tag", default=None)
     args = ap.parse_args(argv)
 
+    arms = parse_arms(args.arms)
+    if any(a.endswith(":session") for a in arms):
+        raise SystemExit("fidelity forces a continuation after the document; it has no question to recall with, "
+                         "so ':session' arms do not apply")
     path = model_path(args.model)
     import llama_cpp
 
@@ -75,7 +79,6 @@ def main(argv=None) -> None:
     full.close()
     p_ref = np.exp(ref)
 
-    arms = parse_arms(args.arms)
     runs = [(a, b) for a in arms for b in parse_budgets(args.budgets) if a != "full"]
     rows = []
     for arm, budget in tqdm(runs, desc="fidelity", unit="arm"):

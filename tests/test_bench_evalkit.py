@@ -103,3 +103,12 @@ def test_merge_joins_runs_and_refuses_disagreeing_answers(tmp_path, monkeypatch)
     (tmp_path / "other.json").write_text(json.dumps(dict(a, suite="ruler")))
     with pytest.raises(SystemExit, match="different suites"):
         merge.main(["x", str(tmp_path / "a.json"), str(tmp_path / "other.json")])
+
+
+def test_arms_parse_blind_and_session_variants_and_refuse_the_ones_that_cannot_be():
+    assert evalkit.parse_arms("full,restkv:blind,restkv:session,streaming:session") == [
+        "full", "restkv:blind", "restkv:session", "streaming:session"]
+    for bad, message in (("shift:session", "keeps kv_budget cells"), ("streaming:blind", "does not score"),
+                         ("restkv:fast", "suffixes are"), ("nope", "unknown policy")):
+        with pytest.raises(SystemExit, match=message):
+            evalkit.parse_arms(bad)
