@@ -109,14 +109,44 @@ def collect_answer(chunks, emit: Callable[[str], None], chat: bool) -> None:
         emit(piece)
 
 
+def check_answer_args(question, max_tokens, stream) -> None:
+    """What ask() and Document.ask() both refuse: an empty question, a bad max_tokens or stream."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("the question is empty")
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    if stream is not None and not callable(stream):
+        raise TypeError("stream must be a callable that takes each piece of the answer, or None")
+
+
+class AnswerCollector:
+    """The answer's pieces as they stream (passed on to stream, if given), then the AskResult."""
+
+    def __init__(self, llm, stream: Optional[Callable[[str], None]]):
+        self.llm, self.stream, self.pieces = llm, stream, []
+        self.t0 = time.perf_counter()
+        self.seen0 = llm.kv_stats()["tokens_seen"]
+
+    def emit(self, piece: str) -> None:
+        self.pieces.append(piece)
+        if self.stream is not None:
+            self.stream(piece)
+
+    def result(self, extra_stats: Optional[dict] = None) -> AskResult:
+        stats = {**self.llm.kv_stats(), **(extra_stats or {})}
+        answer = "".join(self.pieces).strip()
+        n_answer = len(self.llm.tokenize(answer.encode(), add_bos=False, special=False)) if answer else 0
+        return AskResult(answer=answer, kv_stats=stats, tokens_read=stats["tokens_seen"] - self.seen0,
+                         answer_tokens=n_answer, seconds=round(time.perf_counter() - self.t0, 3))
+
+
 def ask(llm, document=None, question: Optional[str] = None, *, text: Optional[str] = None, path=None,
         max_tokens: int = 128, layout: str = "after", question_queries: str = "tail",
         stream: Optional[Callable[[str], None]] = None, temperature: float = 0.0) -> AskResult:
     """See Llama.ask."""
     if question is None:
         raise TypeError("ask() needs a question: ask(document, question), or ask(text=..., question=...)")
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError("the question is empty")
+    check_answer_args(question, max_tokens, stream)
     text = read_document(document, text=text, path=path)
     if not text.strip():
         raise ValueError("the document is empty")
@@ -124,35 +154,18 @@ def ask(llm, document=None, question: Optional[str] = None, *, text: Optional[st
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if question_queries not in QUESTION_QUERIES:
         raise ValueError(f"question_queries must be one of {QUESTION_QUERIES}, got {question_queries!r}")
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-    if stream is not None and not callable(stream):
-        raise TypeError("stream must be a callable that takes each piece of the answer, or None")
 
     # the probe guides this call's eviction only; the policy's own kv_query stays as it is
     probe = {"question": question.strip(), "tail": "tail", "none": "none"}[question_queries]
-    t0 = time.perf_counter()
-    seen0 = llm.kv_stats()["tokens_seen"]
-    pieces = []
-
-    def emit(piece: str) -> None:
-        pieces.append(piece)
-        if stream is not None:
-            stream(piece)
-
+    answer = AnswerCollector(llm, stream)
     with llm.kv_probe(probe):
         messages = qa_messages(text, question, layout)
         if llm.metadata.get("tokenizer.chat_template"):
             chunks = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=temperature,
                                                 stream=True)
-            collect_answer(chunks, emit, chat=True)
+            collect_answer(chunks, answer.emit, chat=True)
         else:  # a base model: plain text, the answer after "Answer:"
             prompt = messages[0]["content"] + "\n\nAnswer:"
             chunks = llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, stream=True)
-            collect_answer(chunks, emit, chat=False)
-    seconds = time.perf_counter() - t0
-    stats = llm.kv_stats()
-    answer = "".join(pieces).strip()
-    n_answer = len(llm.tokenize(answer.encode(), add_bos=False, special=False)) if answer else 0
-    return AskResult(answer=answer, kv_stats=stats, tokens_read=stats["tokens_seen"] - seen0,
-                     answer_tokens=n_answer, seconds=round(seconds, 3))
+            collect_answer(chunks, answer.emit, chat=False)
+    return answer.result()

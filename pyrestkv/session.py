@@ -41,7 +41,7 @@ from . import _binding
 from .documents import read_document
 from .llama import llama_cpp
 from .policies import BudgetPolicy, CacheView
-from .qa import QA_INSTRUCTION, AskResult, collect_answer, qa_messages
+from .qa import AnswerCollector, AskResult, check_answer_args, collect_answer, qa_messages
 from .tier import TierError, TierFile, TierWriter, default_tier_dir, tier_path
 
 #: stands for the question while the chat template is rendered, to find where the document ends
@@ -314,12 +314,7 @@ class Document:
         """Recall the cells this question needs from the tier, then answer it (see the module's
         docstring). AskResult.kv_stats adds tier_cells, cells_recalled, recall_ms and tier_bytes."""
         self._check_usable("ask")
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError("the question is empty")
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-        if stream is not None and not callable(stream):
-            raise TypeError("stream must be a callable that takes each piece of the answer, or None")
+        check_answer_args(question, max_tokens, stream)
         llm = self._llm
         policy = _check_policy(llm)
         p = self._prompt
@@ -329,30 +324,17 @@ class Document:
             raise ValueError(f"the question takes {len(suffix)} tokens, which leaves less than kv_window + kv_sink of "
                              f"kv_budget={policy.budget} for the document: ask a shorter question or use a larger kv_budget")
 
-        t0 = time.perf_counter()
+        answer = AnswerCollector(llm, stream)
         keep = self._recall(suffix, n_keep)
-        recall_ms = (time.perf_counter() - t0) * 1e3
+        recall_ms = (time.perf_counter() - answer.t0) * 1e3
 
         tokens = self.tier.tokens[keep]
-        pieces = []
-
-        def emit(piece: str) -> None:
-            pieces.append(piece)
-            if stream is not None:
-                stream(piece)
-
-        seen0 = llm.kv_stats()["tokens_seen"]
         # the recalled cells are the whole history: the completion goes on from them (Llama.generate)
         chunks = llm.create_completion(prompt=[int(t) for t in tokens] + suffix, max_tokens=max_tokens,
                                        temperature=temperature, stop=p["stop"] or None, stream=True)
-        collect_answer(chunks, emit, chat=p["chat"])
-        stats = llm.kv_stats()
-        stats.update({"tier_cells": self.tier.n_cells, "cells_recalled": int(len(keep)),
-                      "recall_ms": round(recall_ms, 3), "tier_bytes": self.tier.nbytes})
-        answer = "".join(pieces).strip()
-        n_answer = len(llm.tokenize(answer.encode(), add_bos=False, special=False)) if answer else 0
-        return AskResult(answer=answer, kv_stats=stats, tokens_read=stats["tokens_seen"] - seen0,
-                         answer_tokens=n_answer, seconds=round(time.perf_counter() - t0, 3))
+        collect_answer(chunks, answer.emit, chat=p["chat"])
+        return answer.result({"tier_cells": self.tier.n_cells, "cells_recalled": int(len(keep)),
+                              "recall_ms": round(recall_ms, 3), "tier_bytes": self.tier.nbytes})
 
     def _recall(self, suffix: list, n_keep: int) -> np.ndarray:
         """Steps 1-4 of the module's docstring; returns the tier cells now in the cache."""
