@@ -10,7 +10,8 @@
 kv_budget 1/8, kinds number,distractor, depths 0,25,50,75,100, lengths 4096,7936,16128,32512 (4k,
 and 8k, 16k, 32k less 256 tokens, the room the chat template, the question and the answer need, so
 that an "8k" document fits SmolLM2's 8192 and a "32k" one Gemma-3's 32768). Any flag given beside
-it overrides the preset's value; the tag defaults to <model>-heatmap. It writes, beside the JSON,
+it overrides the preset's value; the tag defaults to <model>-heatmap-grid (not <model>-heatmap, whose
+niah-<model>-heatmap.png is the heatmap of the plain run niah-<model>.json). It writes, beside the JSON,
 table and plot, niah-<tag>-heatmap.png (accuracy per depth and length, one panel per arm) and
 niah-<tag>-speed.png (median tok/s against length), as every run over several lengths does.
 
@@ -152,7 +153,7 @@ def parse_args(ap, argv=None):
     """The arguments, with --grid's preset as the defaults of the flags not given."""
     args = ap.parse_args(argv)
     if args.grid:
-        ap.set_defaults(**GRIDS[args.grid], tag=f"{Path(args.model).stem}-{args.grid}")
+        ap.set_defaults(**GRIDS[args.grid], tag=f"{Path(args.model).stem}-{args.grid}-grid")
         args = ap.parse_args(argv)
     return args
 

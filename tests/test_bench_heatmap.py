@@ -151,7 +151,7 @@ def test_the_heatmap_preset_and_flags_beside_it():
     args = niah.parse_args(niah.parser(), ["--grid", "heatmap", "--model", "smollm2"])
     assert args.arms == "full,shift,restkv,restkv:blind,snapkv,streaming"
     assert (args.budgets, args.kinds, args.depths) == ("1/8", "number,distractor", "0,25,50,75,100")
-    assert args.lengths == "4096,7936,16128,32512" and args.tag == "smollm2-heatmap"
+    assert args.lengths == "4096,7936,16128,32512" and args.tag == "smollm2-heatmap-grid"
     args = niah.parse_args(niah.parser(), ["--grid", "heatmap", "--arms", "restkv", "--tag", "part"])
     assert (args.arms, args.tag, args.kinds) == ("restkv", "part", "number,distractor")
     args = niah.parse_args(niah.parser(), [])
@@ -258,3 +258,12 @@ def test_report_shows_the_heatmap_what_was_not_run_and_compares_where_the_full_c
     # the targets at 4096 only, where the full cache ran: restkv 4/6 against the full cache's 6/6
     assert "restkv keeps 67% of the full cache's accuracy (66.7 [30.0–90.3], n=6 against 100.0" in text
     assert "(at the lengths where the full cache ran; not 16128)" in text
+
+
+def test_the_heatmap_grid_s_files_do_not_overwrite_a_plain_run_s_heatmap():
+    # a plain run over several lengths, niah-gemma3.json, draws niah-gemma3-heatmap.png: the grid's
+    # own stem must not be niah-gemma3-heatmap, whose accuracy plot would have that very name
+    args = niah.parse_args(niah.parser(), ["--grid", "heatmap", "--model", "gemma3"])
+    assert args.tag == "gemma3-heatmap-grid"
+    plain_heatmap = "niah-gemma3-heatmap.png"
+    assert f"niah-{args.tag}.png" != plain_heatmap and f"niah-{args.tag}-heatmap.png" != plain_heatmap
