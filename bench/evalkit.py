@@ -181,6 +181,20 @@ def load_partial(path: Path, key=None) -> dict:
     return done
 
 
+def append_partial(path: Path):
+    """The partial file opened for appending. A sitting stopped mid-write leaves a torn last line
+    (load_partial drops it): the next answer goes on a line of its own, not glued onto it."""
+    torn = False
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+    log = open(path, "a")
+    if torn:
+        log.write("\n")
+    return log
+
+
 def run_grid(samples: list, args, suite: str, score_fn, n_ctx_train: int | None = None) -> dict:
     """samples: dicts with document, question, answers, n_tokens and any labels. Runs every arm and
     budget on every sample (one Llama per arm, budget and document length), scores with
@@ -206,7 +220,7 @@ def run_grid(samples: list, args, suite: str, score_fn, n_ctx_train: int | None 
     done = load_partial(partial)
     rows = []
     bar = tqdm(total=len(runs) * len(samples), desc=suite, unit="answer")
-    with open(partial, "a") as log:
+    with append_partial(partial) as log:
         for arm, budget in runs:
             for n_doc, group in sorted(by_len.items()):
                 if arm == "full" and not full_fits(n_doc, args.max_tokens, n_ctx_train):
@@ -219,7 +233,9 @@ def run_grid(samples: list, args, suite: str, score_fn, n_ctx_train: int | None 
                     labels = {**{k: v for k, v in s.items() if k not in ANSWER_FIELDS}, "arm": arm, "budget": budget,
                               "setup": setup}
                     key = row_key(labels)
-                    if key in done:
+                    # an answer is reused only for the same sample: a grid built from other flags
+                    # (--lengths, --kinds) may give these labels another document, seeded apart
+                    if key in done and done[key].get("expected") == s["answers"]:
                         rows.append(done[key])
                         bar.update(1)
                     else:

@@ -18,7 +18,9 @@ niah-<tag>-speed.png (median tok/s against length), as every run over several le
 The full arm is skipped wherever the document does not fit the model's training context (read from
 the GGUF): no row is recorded and the report lists those cells as "cannot run", apart from cells
 not run yet. A long grid can be split: rerun the same command to resume where a sitting stopped,
-or run parts (--arms, --lengths) with their own --tag and join them with bench/merge.py.
+or run parts (--arms, --lengths) with their own --tag and join them with bench/merge.py. (Each
+sample is seeded by its place in the grid, so --lengths or --kinds give other documents to the same
+labels; a resumed answer is reused only where its expected answer is still the sample's.)
 
 Kinds of needle:
   number      RULER's: "One of the special magic numbers for <adjective-noun> is: <7 digits>."

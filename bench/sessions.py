@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from evalkit import RESULTS, budget_cells, full_fits, full_n_ctx, load_partial, model_path, normalize, pyplot
+from evalkit import RESULTS, append_partial, budget_cells, full_fits, full_n_ctx, load_partial, model_path, normalize, pyplot
 from evalkit import summarize, training_context
 from niah import haystack, make_needle, pg_sentences
 
@@ -114,7 +114,7 @@ def run(args) -> dict:
     done = load_partial(partial, key=row_key)
     rows = []
     bar = tqdm(total=len(docs) * len(arms) * args.needles, desc="sessions", unit="answer")
-    with open(partial, "a") as log:
+    with append_partial(partial) as log:
         for arm in arms:
             for doc in docs:
                 n = doc["length"]

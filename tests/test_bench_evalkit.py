@@ -74,6 +74,14 @@ def test_a_run_resumes_where_it_stopped(tmp_path, monkeypatch):
     assert len(asked) == 2  # only the two answers not yet given
     assert len(result["rows"]) == 6
     assert sorted(r["score"] for r in result["rows"]) == [0, 0, 0, 0, 1, 1]
+    lines = partial.read_text().splitlines()  # the answers after the torn line went on lines of their own
+    assert lines[4] == '{"torn": ' and all(json.loads(x) for x in lines[:4] + lines[5:])
+
+    # the same labels on another document (another expected answer) are asked again
+    asked.clear()
+    samples[0]["answers"] = ["d0-other"]
+    result = evalkit.run_grid(samples, args_for("t"), "niah", score)
+    assert len(asked) == 2 and {r["expected"][0] for r in result["rows"]} >= {"d0-other"}
 
     # other settings are other answers: nothing is reused
     asked.clear()
