@@ -379,8 +379,11 @@ def write(result: dict, stem: str, by=("arm", "budget")) -> None:
 
 
 def has_lengths(result: dict) -> bool:
-    """A NIAH result over several document lengths: it gets a depth x length heatmap and a speed plot."""
-    return result["suite"] == "niah" and len({r.get("length") for r in result["rows"]}) > 1
+    """A NIAH result over several document lengths, or a part of a --grid run (its first lengths):
+    it gets a depth x length heatmap and a speed plot."""
+    if result["suite"] != "niah":
+        return False
+    return len({r.get("length") for r in result["rows"]}) > 1 or bool(result.get("config", {}).get("grid"))
 
 
 def normalize(text: str) -> str:

@@ -267,3 +267,17 @@ def test_the_heatmap_grid_s_files_do_not_overwrite_a_plain_run_s_heatmap():
     assert args.tag == "gemma3-heatmap-grid"
     plain_heatmap = "niah-gemma3-heatmap.png"
     assert f"niah-{args.tag}.png" != plain_heatmap and f"niah-{args.tag}-heatmap.png" != plain_heatmap
+
+
+def test_a_part_of_the_preset_grid_lists_the_preset_s_other_lengths_and_arms_as_not_run():
+    rows = [{"kind": kind, "length": 4096, "depth": d, "n_tokens": 4096, "arm": "restkv", "budget": "1/8",
+             "score": 1.0, "seconds": 1.0, "tok_s": 100.0} for kind in ("number", "distractor")
+            for d in (0.0, 25.0, 50.0, 75.0, 100.0)]
+    config = {"grid": "heatmap", "arms": "restkv", "budgets": "1/8", "kinds": "number,distractor",
+              "depths": "0,25,50,75,100", "lengths": "4096", "max_tokens": 32}
+    result = {"suite": "niah", "model": "smollm2", "config": config, "rows": rows, "n_ctx_train": 8192}
+    assert evalkit.has_lengths(result)  # one length, but a part of a grid: it gets the heatmap
+    lines = heatmap.missing_lines(result)
+    assert lines[0].startswith("not run: ") and "restkv 1/8 at 7936, 16128, 32512" in lines[0]
+    assert "shift 1/8 at 4096, 7936, 16128, 32512" in lines[0]
+    assert lines[1].startswith("cannot run") and "full cache at 16128, 32512" in lines[1]
