@@ -14,6 +14,7 @@ eviction guided by the question, then answer. The defaults were measured on the 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -133,11 +134,13 @@ class AnswerCollector:
             self.stream(piece)
 
     def result(self, extra_stats: Optional[dict] = None) -> AskResult:
+        # the answer's time, taken first and rounded down: never more than the caller waited
+        seconds = math.floor((time.perf_counter() - self.t0) * 1e3) / 1e3
         stats = {**self.llm.kv_stats(), **(extra_stats or {})}
         answer = "".join(self.pieces).strip()
         n_answer = len(self.llm.tokenize(answer.encode(), add_bos=False, special=False)) if answer else 0
         return AskResult(answer=answer, kv_stats=stats, tokens_read=stats["tokens_seen"] - self.seen0,
-                         answer_tokens=n_answer, seconds=round(time.perf_counter() - self.t0, 3))
+                         answer_tokens=n_answer, seconds=seconds)
 
 
 def ask(llm, document=None, question: Optional[str] = None, *, text: Optional[str] = None, path=None,
