@@ -46,9 +46,8 @@ def grid_axes(result: dict) -> dict:
     if config.get("grid"):  # a part of a preset grid (some of its lengths or arms): the rest is not run yet
         from niah import GRIDS
 
-        preset = GRIDS[config["grid"]]
-        config = {**config, **{k: ",".join(dict.fromkeys(preset[k].split(",") + str(config.get(k) or "").split(",")))
-                               .strip(",") for k in ("arms", "kinds", "lengths", "depths")}}
+        preset = GRIDS[config["grid"]]  # the lists below skip empty items and repeats
+        config = {**config, **{k: f"{preset[k]},{config.get(k) or ''}" for k in ("arms", "kinds", "lengths", "depths")}}
     runs = {(r["arm"], r.get("budget")) for r in rows}
     budgets = parse_budgets(config["budgets"]) if config.get("budgets") else []
     for arm in _parse_list(config.get("arms"), str):
