@@ -242,7 +242,8 @@ def test_an_interrupted_run_resumed_or_run_in_parts_and_merged_gives_the_same_ta
         assert heatmap.cells(result) == heatmap.cells(whole)
 
 
-def test_report_shows_the_heatmap_what_was_not_run_and_compares_where_the_full_cache_ran(tmp_path, monkeypatch):
+def test_report_shows_the_heatmap_what_was_not_run_and_compares_each_pair_on_the_samples_both_answered(
+        tmp_path, monkeypatch):
     monkeypatch.setattr(report, "RESULTS", tmp_path)
     result = synthetic_result()
     result["merged_from"] = ["python bench/niah.py --grid heatmap --arms full", "python bench/niah.py --arms x"]
@@ -255,9 +256,12 @@ def test_report_shows_the_heatmap_what_was_not_run_and_compares_where_the_full_c
     assert "![niah-smollm2-heatmap-heatmap](bench/results/niah-smollm2-heatmap-heatmap.png)" in text
     assert "![niah-smollm2-heatmap-speed](bench/results/niah-smollm2-heatmap-speed.png)" in text
     assert "- not run: shift 1/8 at 16128 (3 of 6), 32512; restkv 1/8 at 32512" in text
-    # the targets at 4096 only, where the full cache ran: restkv 4/6 against the full cache's 6/6
-    assert "restkv keeps 67% of the full cache's accuracy (66.7 [30.0–90.3], n=6 against 100.0" in text
-    assert "(at the lengths where the full cache ran; not 16128)" in text
+    # against the full cache at 4096 only, where it ran: restkv 4/6 against 6/6
+    assert "restkv keeps 67% of the full cache's accuracy at 4096 tokens (66.7 [30.0–90.3], n=6 against 100.0" in text
+    # against shift also beyond the training context, but on the number needles alone at 16128, the
+    # only ones shift answered there: restkv 4/6 + 2/3, shift 2/6 + 1/3 (66.7 - 33.3, as shown)
+    assert "- restkv - shift = +33.4 points at 4096, 16128 tokens (66.7 [" in text
+    assert "n=9 against 33.3 [" in text and "n=12" not in text
 
 
 def test_the_heatmap_grid_s_files_do_not_overwrite_a_plain_run_s_heatmap():
