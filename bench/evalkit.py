@@ -51,7 +51,9 @@ def model_path(name: str) -> str:
     return name
 
 
-def parse_arms(text: str) -> list:
+def parse_arms(text: str, layout: str = "after") -> list:
+    """The arms of --arms, refusing at once (before any haystack is built or model loaded) the ones
+    that cannot run, with this --layout among them."""
     arms = []
     for a in text.split(","):
         a = a.strip()
@@ -64,6 +66,8 @@ def parse_arms(text: str) -> list:
             raise SystemExit(f"arm {a!r}: {policy} does not score, so it has no question-blind variant")
         if mode == "session" and policy in ("full", "shift"):
             raise SystemExit(f"arm {a!r}: a document session needs a policy that keeps kv_budget cells")
+        if mode == "session" and layout != "after":
+            raise SystemExit(f"arm {a!r}: a document session lays the question after the document (--layout after)")
         arms.append(a)
     return arms
 
@@ -124,8 +128,6 @@ def open_arm(path: str, arm: str, budget, n_doc: int, args):
 
 def ask(llm, arm: str, document: str, question: str, args) -> str:
     if arm.endswith(":session"):
-        if args.layout != "after":
-            raise SystemExit(f"arm {arm!r}: a document session lays the question after the document (--layout after)")
         doc = llm.read(text=document)
         try:
             return doc.ask(question, max_tokens=args.max_tokens).answer
@@ -205,7 +207,7 @@ def run_grid(samples: list, args, suite: str, score_fn, n_ctx_train: int | None 
     from tqdm import tqdm
 
     path = model_path(args.model)
-    arms = parse_arms(args.arms)
+    arms = parse_arms(args.arms, args.layout)
     budgets = parse_budgets(args.budgets)
     runs = [(arm, None) if arm == "full" else (arm, b) for arm in arms for b in budgets]
     runs = list(dict.fromkeys(runs))

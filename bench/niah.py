@@ -40,7 +40,7 @@ import random
 import re
 from pathlib import Path
 
-from evalkit import common_args, model_path, normalize, run_grid, save, training_context
+from evalkit import common_args, model_path, normalize, parse_arms, run_grid, save, training_context
 
 LENGTHS = "2048,4096,7936"  # "8k" leaves room for the template, the question and the answer in SmolLM2's 8192
 
@@ -146,6 +146,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = parse_args(parser(), argv)
+    parse_arms(args.arms, args.layout)  # a bad --arms fails before the haystacks are built
     samples = build_samples(args)
     result = run_grid(samples, args, "niah", score, n_ctx_train=training_context(model_path(args.model)))
     save(result, args)

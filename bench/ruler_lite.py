@@ -28,7 +28,7 @@ import tempfile
 import types
 from pathlib import Path
 
-from evalkit import common_args, model_path, run_grid, save
+from evalkit import common_args, model_path, parse_arms, run_grid, save
 
 TASKS = ("niah_single_2", "niah_multikey_1", "niah_multivalue", "vt", "cwe", "qa_1", "qa_2")
 MARK = "@@QUESTION@@"
@@ -130,6 +130,7 @@ def main(argv=None) -> None:
     ap.add_argument("--samples", type=int, default=25, help="samples per task and length (default: 25)")
     ap.add_argument("--seed", type=int, default=42)
     args = ap.parse_args(argv)
+    parse_arms(args.arms, args.layout)  # a bad --arms fails before the haystacks are built
     samples = build_samples(args)
     result = run_grid(samples, args, "ruler", score)
     save(result, args)
