@@ -120,3 +120,8 @@ def test_arms_parse_blind_and_session_variants_and_refuse_the_ones_that_cannot_b
                          ("restkv:fast", "suffixes are"), ("nope", "unknown policy")):
         with pytest.raises(SystemExit, match=message):
             evalkit.parse_arms(bad)
+    # a session needs the question after the document: refused when the arms are parsed, not at the
+    # first answer, after the haystacks are built and the model loaded
+    with pytest.raises(SystemExit, match="--layout after"):
+        evalkit.parse_arms("full,restkv:session", layout="both")
+    assert evalkit.parse_arms("full,restkv", layout="both") == ["full", "restkv"]
