@@ -21,6 +21,17 @@ sys.path.insert(0, str(HERE))
 from evalkit import row_key, write  # noqa: E402
 
 
+def runs_behind(results: list) -> list:
+    """The commands of the runs behind these results: an input that is itself a merge stands for
+    the runs it was merged from, so that merging in sittings keeps every run's command."""
+    out = []
+    for r in results:
+        for command in r.get("merged_from") or [r.get("command", "")]:
+            if command not in out:
+                out.append(command)
+    return out
+
+
 def merge(results: list) -> dict:
     suites = {(r["suite"], r["model"]) for r in results}
     if len(suites) != 1:
@@ -37,7 +48,7 @@ def merge(results: list) -> dict:
             origin.setdefault(key, i)
     first = results[0]
     merged = {"suite": first["suite"], "model": first["model"], "config": first.get("config", {}),
-              "rows": list(rows.values()), "merged_from": [r.get("command", "") for r in results]}
+              "rows": list(rows.values()), "merged_from": runs_behind(results)}
     # the training context tells the report which full-cache cells cannot run; one model has one
     contexts = {r["n_ctx_train"] for r in results if r.get("n_ctx_train") is not None}
     if len(contexts) > 1:

@@ -103,6 +103,11 @@ def test_merge_joins_runs_and_refuses_disagreeing_answers(tmp_path, monkeypatch)
     out = json.loads((tmp_path / "niah-m.json").read_text())
     assert len(out["rows"]) == 2 and out["merged_from"] == [a["command"], b["command"]]
     assert out["command"].startswith("python ") and (tmp_path / "niah-m.md").exists()
+    # merged again with a third run: the output names the three runs, not the first merge
+    c = {"suite": "niah", "model": "m", "rows": [dict(row, arm="snapkv")], "command": "python y"}
+    (tmp_path / "c.json").write_text(json.dumps(c))
+    merge.main(["niah-m", str(tmp_path / "niah-m.json"), str(tmp_path / "c.json")])
+    assert json.loads((tmp_path / "niah-m.json").read_text())["merged_from"] == [a["command"], b["command"], "python y"]
 
     bad = dict(b, rows=[dict(row, score=0.0)])
     (tmp_path / "bad.json").write_text(json.dumps(bad))
