@@ -2,6 +2,11 @@
 
     python bench/speed.py                      # SmolLM2-135M, documents of 1k, 2k, 4k and 8k tokens
     python bench/speed.py --model gemma3 --lengths 2048,8192
+    python bench/speed.py --lengths 16128 --budgets 2016 --policies shift,streaming,restkv
+
+streaming keeps the same cells per chunk as restkv without scoring them, so restkv against
+streaming is what scoring costs, and streaming against shift what keeping the budget full costs
+(the cells each token attends: `cells/token`).
 
 Every arm runs in a fresh subprocess (so peak RSS is its own), with the same threads, one after the
 other; compare arms as ratios within one run, since the machine is shared and noisy. Measured per arm:
@@ -51,13 +56,14 @@ def run_arm(arm: dict) -> dict:
     elif arm["policy"] == "shift":
         llm = pyrestkv.Llama(path, kv_policy="shift", n_ctx=arm["n_ctx"], n_keep=32, **common)
     else:
-        llm = pyrestkv.Llama(path, kv_policy="restkv", kv_budget=arm["budget"], **common)
+        llm = pyrestkv.Llama(path, kv_policy=arm["policy"], kv_budget=arm["budget"], **common)
 
     t0 = time.perf_counter()
     llm.eval(tokens)
     token = llm.sample(temp=0.0)
     ttft = time.perf_counter() - t0
     prefill = ttft
+    read = llm.kv_stats()
 
     eos = llm.token_eos()
     t1 = time.perf_counter()
@@ -78,6 +84,8 @@ def run_arm(arm: dict) -> dict:
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "kv_bytes": stats["kv_bytes"],
         "cells_peak": stats["cells_peak"],
+        "cells_per_token": round(read["cells_attended"] / len(tokens), 1),
+        "evict_ms": read["evict_ms"],
         "scoring_passes": stats.get("scoring_passes", 0),
         "scoring_ms_per_pass": round(stats.get("scoring_ms", 0.0) / max(1, stats.get("scoring_passes", 0)), 1),
         "scoring_share_of_prefill": round(scoring_s / prefill, 3),
@@ -90,28 +98,37 @@ def _ban(scores, token):
 
 
 def arms(args) -> list:
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    known = {"full", "shift", "restkv", "streaming", "truncate", "snapkv", "h2o", "tova"}
+    if not policies or set(policies) - known:
+        raise SystemExit(f"--policies {args.policies!r}: choose from {', '.join(sorted(known))}")
     out = []
     for length in [int(x) for x in args.lengths.split(",")]:
         base = dict(model=args.model, length=length, n_batch=args.n_batch, threads=args.threads, decode=args.decode)
-        out.append({**base, "policy": "full", "budget": None, "n_ctx": None})
+        if "full" in policies:
+            out.append({**base, "policy": "full", "budget": None, "n_ctx": None})
         for budget in [int(x) for x in args.budgets.split(",")]:
             if budget + args.n_batch >= length:
                 continue  # the document fits: nothing to evict
-            out.append({**base, "policy": "shift", "budget": budget, "n_ctx": budget + args.n_batch})
-            out.append({**base, "policy": "restkv", "budget": budget, "n_ctx": None})
+            for policy in policies:
+                if policy == "shift":  # the same memory: n_ctx = the budget + one chunk
+                    out.append({**base, "policy": "shift", "budget": budget, "n_ctx": budget + args.n_batch})
+                elif policy != "full":
+                    out.append({**base, "policy": policy, "budget": budget, "n_ctx": None})
     return out
 
 
 def table(rows: list) -> str:
     lines = [
-        "| model | doc tokens | policy | budget | n_ctx | TTFT s | prefill tok/s | decode tok/s | peak RSS MiB | KV MiB | scoring passes | ms/pass | scoring / prefill |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | doc tokens | policy | budget | n_ctx | TTFT s | prefill tok/s | decode tok/s | peak RSS MiB | KV MiB | cells/token | scoring passes | ms/pass | scoring / prefill | evict ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['length']} | {r['policy']} | {r['budget'] or '-'} | {r['n_ctx']} | {r['ttft_s']} | "
             f"{r['prefill_tok_s']} | {r['decode_tok_s']} | {r['peak_rss_mib']} | {r['kv_bytes'] / 2**20:.1f} | "
-            f"{r['scoring_passes']} | {r['scoring_ms_per_pass']} | {r['scoring_share_of_prefill']:.1%} |"
+            f"{r.get('cells_per_token', '-')} | {r['scoring_passes']} | {r['scoring_ms_per_pass']} | "
+            f"{r['scoring_share_of_prefill']:.1%} | {r.get('evict_ms', '-')} |"
         )
     return "\n".join(lines)
 
@@ -149,6 +166,8 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="smollm2", help="smollm2, gemma3 or a GGUF path")
     ap.add_argument("--lengths", default="1024,2048,4096,8000")
     ap.add_argument("--budgets", default="512,1024,2048")
+    ap.add_argument("--policies", default="full,shift,restkv",
+                    help="full, shift (n_ctx = budget + n_batch), or any budget policy (restkv, streaming, snapkv, ...)")
     ap.add_argument("--n-batch", type=int, default=512)
     ap.add_argument("--decode", type=int, default=64, help="tokens generated after the document")
     ap.add_argument("--threads", type=int, default=2)

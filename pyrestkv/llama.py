@@ -245,6 +245,7 @@ class Llama(llama_cpp.Llama):
         self._stats = {
             "cells_peak": 0,
             "tokens_seen": 0,
+            "cells_attended": 0,
             "tokens_evicted": 0,
             "evictions": 0,
             "compactions": 0,
@@ -478,8 +479,12 @@ class Llama(llama_cpp.Llama):
         self._n_logical = self.n_tokens
         self._pos_next += n
         self._requires_eval = False
+        used = self._cells_used()
         self._stats["tokens_seen"] += n
-        self._stats["cells_peak"] = max(self._stats["cells_peak"], self._cells_used())
+        self._stats["cells_peak"] = max(self._stats["cells_peak"], used)
+        # the chunk's j-th token attended the cells before the chunk and j + 1 of its own: what a read
+        # costs in attention, which a policy's schedule sets as much as its budget does
+        self._stats["cells_attended"] += n * (used - n) + n * (n + 1) // 2
 
     def _store_ring_rows(self, n_past: int, logits: np.ndarray) -> None:
         """The logits of tokens n_past.., into the ring (rows t % n_ctx)."""

@@ -27,6 +27,9 @@ def test_bounded_memory_on_a_long_document(model_path):
     assert stats["cells_used"] <= stats["n_ctx"]
     assert stats["tokens_seen"] == len(tokens)
     assert stats["tokens_evicted"] == len(tokens) - stats["cells_used"]
+    # chunks of 512: the first onto an empty cache, every later one onto the 512 cells of the budget
+    chunks = [512] * (len(tokens) // 512) + [len(tokens) % 512] * (len(tokens) % 512 > 0)
+    assert stats["cells_attended"] == sum(n * (512 if i else 0) + n * (n + 1) // 2 for i, n in enumerate(chunks))
     assert stats["scoring_passes"] >= (len(tokens) - 1024) // 512
     assert stats["compactions"] >= 1 and stats["pos_next"] <= llm._model.n_ctx_train()
     assert len(stats["layer_scores"]) == 30
