@@ -24,13 +24,6 @@
 #include <cmath>
 #include <cstring>
 
-// The two inner products run over blocks of a fixed size, so that the compiler keeps the sums in
-// vector registers (a loop of runtime length stores and reloads them at every step).
-#define RESTKV_CPU_COLS 32 // cells per block of S
-#define RESTKV_CPU_QROWS 4 // query rows per block of S
-#define RESTKV_CPU_TRI  16 // output dimensions per block of the triangular product U v
-#define RESTKV_CPU_CELLS 8 // cells per triangular block: eight independent FMA chains
-
 static int64_t restkv_pad(int64_t n, int64_t to) {
     return (n + to - 1)/to*to;
 }
@@ -39,6 +32,19 @@ static int64_t restkv_pad(int64_t n, int64_t to) {
 #if defined(GGML_SIMD) && !defined(__ARM_FEATURE_SVE) && !defined(__riscv_v_intrinsic)
 #    define RESTKV_CPU_SIMD
 #endif
+
+// The two inner products run over blocks of a fixed size, so that the compiler keeps the sums in
+// vector registers (a loop of runtime length stores and reloads them at every step). A block is 6
+// rows of 2 vectors: 12 sums, which with the 2 vectors of x and a broadcast take 15 of AVX2's 16
+// registers (blocks of 16 sums spilled to the stack); NEON's 4-wide vectors make it 29 of its 32.
+#if defined(RESTKV_CPU_SIMD) && GGML_F32_EPR > 8
+#    define RESTKV_CPU_COLS (2*GGML_F32_EPR) // cells per block of S
+#else
+#    define RESTKV_CPU_COLS 16
+#endif
+#define RESTKV_CPU_QROWS 6               // query rows per block of S (and blocks of 2 for the rest)
+#define RESTKV_CPU_TRI   RESTKV_CPU_COLS // output dimensions per block of the triangular product U v
+#define RESTKV_CPU_CELLS 6               // cells per triangular block: independent FMA chains
 
 // for each of M vectors s_m (s + m*s_stride): out[m*N + 0..N) = sum over j < n of s_m[j]*x[j*stride + 0..N).
 // N sums per vector stay in registers, and M vectors at once give the FMA units independent chains.
@@ -219,7 +225,8 @@ void ggml_compute_forward_restkv_score(const struct ggml_compute_params * params
 
         // 1. S: a block of rows times a block of cells at once, as a sum of d key-channel vectors
         for (int64_t r0 = 0; r0 < n_row; ) {
-            const int64_t n_r = n_row - r0 >= RESTKV_CPU_QROWS ? RESTKV_CPU_QROWS : 1;
+            const int64_t n_left = n_row - r0;
+            const int64_t n_r = n_left >= RESTKV_CPU_QROWS ? RESTKV_CPU_QROWS : (n_left >= 2 ? 2 : 1);
             float lane_max[RESTKV_CPU_QROWS][RESTKV_CPU_COLS];
             for (int64_t m = 0; m < n_r; ++m) {
                 for (int64_t j = 0; j < RESTKV_CPU_COLS; ++j) {
@@ -230,6 +237,8 @@ void ggml_compute_forward_restkv_score(const struct ggml_compute_params * params
                 float acc[RESTKV_CPU_QROWS*RESTKV_CPU_COLS];
                 if (n_r == RESTKV_CPU_QROWS) {
                     restkv_sum_rows<RESTKV_CPU_COLS, RESTKV_CPU_QROWS>(acc, kt + c0, n_kv_pad, qs + r0*d, d, d);
+                } else if (n_r == 2) {
+                    restkv_sum_rows<RESTKV_CPU_COLS, 2>(acc, kt + c0, n_kv_pad, qs + r0*d, d, d);
                 } else {
                     restkv_sum_rows<RESTKV_CPU_COLS, 1>(acc, kt + c0, n_kv_pad, qs + r0*d, d, d);
                 }
