@@ -6,7 +6,9 @@
 
 streaming keeps the same cells per chunk as restkv without scoring them, so restkv against
 streaming is what scoring costs, and streaming against shift what keeping the budget full costs
-(the cells each token attends: `cells/token`).
+(the cells each token attends: `cells/token`). `--rounds N` runs the arms N times, every other round
+in reverse order, and prints each ratio per round and its median: the machine drifts by more than
+the differences measured, and arms minutes apart drift least.
 
 Every arm runs in a fresh subprocess (so peak RSS is its own), with the same threads, one after the
 other; compare arms as ratios within one run, since the machine is shared and noisy. Measured per arm:
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -120,17 +123,42 @@ def arms(args) -> list:
 
 def table(rows: list) -> str:
     lines = [
-        "| model | doc tokens | policy | budget | n_ctx | TTFT s | prefill tok/s | decode tok/s | peak RSS MiB | KV MiB | cells/token | scoring passes | ms/pass | scoring / prefill | evict ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| round | model | doc tokens | policy | budget | n_ctx | TTFT s | prefill tok/s | decode tok/s | peak RSS MiB | KV MiB | cells/token | scoring passes | ms/pass | scoring / prefill | evict ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['length']} | {r['policy']} | {r['budget'] or '-'} | {r['n_ctx']} | {r['ttft_s']} | "
+            f"| {r.get('round', 0)} | {r['model']} | {r['length']} | {r['policy']} | {r['budget'] or '-'} | {r['n_ctx']} | {r['ttft_s']} | "
             f"{r['prefill_tok_s']} | {r['decode_tok_s']} | {r['peak_rss_mib']} | {r['kv_bytes'] / 2**20:.1f} | "
             f"{r.get('cells_per_token', '-')} | {r['scoring_passes']} | {r['scoring_ms_per_pass']} | "
             f"{r['scoring_share_of_prefill']:.1%} | {r.get('evict_ms', '-')} |"
         )
     return "\n".join(lines)
+
+
+def ratios(rows: list) -> list:
+    """Each bounded policy's prefill tok/s over shift's, and restkv's over streaming's, per round
+    (the same length and budget), with the median over rounds."""
+    groups = {}
+    for r in rows:
+        if r["policy"] != "full":
+            groups.setdefault((r["length"], r["budget"]), {}).setdefault(r.get("round", 0), {})[r["policy"]] = r["prefill_tok_s"]
+    out = []
+    for (length, budget), by_round in sorted(groups.items()):
+        policies = sorted({p for arms in by_round.values() for p in arms})
+        pairs = [(p, "shift") for p in policies if p != "shift"] + [("restkv", "streaming")]
+        for policy, against in pairs:
+            per_round = [arms[policy] / arms[against] for _, arms in sorted(by_round.items()) if policy in arms and against in arms]
+            if per_round:
+                out.append({"length": length, "budget": budget, "policy": policy, "against": against,
+                            "per_round": [round(x, 3) for x in per_round], "median": round(statistics.median(per_round), 3)})
+    return out
+
+
+def ratio_lines(items: list) -> str:
+    return "\n".join(
+        f"{x['length']} tokens, kv_budget {x['budget']}: {x['policy']} / {x['against']} prefill tok/s "
+        f"{', '.join(f'{v:.3f}' for v in x['per_round'])} (median {x['median']:.3f})" for x in items)
 
 
 def plot(rows: list, path: Path) -> bool:
@@ -146,10 +174,10 @@ def plot(rows: list, path: Path) -> bool:
         series = {}
         for r in rows:
             name = r["policy"] if r["policy"] == "full" else f"{r['policy']} {r['budget']}"
-            series.setdefault(name, []).append((r["length"], r[key]))
-        for name, points in sorted(series.items()):
-            xs, ys = zip(*sorted(points))
-            ax.plot(xs, ys, marker="o", label=name)
+            series.setdefault(name, {}).setdefault(r["length"], []).append(r[key])
+        for name, by_length in sorted(series.items()):
+            xs = sorted(by_length)
+            ax.plot(xs, [statistics.median(by_length[x]) for x in xs], marker="o", label=name)  # median over rounds
         ax.set_xscale("log", base=2)
         ax.set_xlabel("document tokens")
         ax.set_ylabel(label)
@@ -171,6 +199,7 @@ def main(argv=None) -> None:
     ap.add_argument("--n-batch", type=int, default=512)
     ap.add_argument("--decode", type=int, default=64, help="tokens generated after the document")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1, help="run every arm this many times, alternating the order")
     ap.add_argument("--tag", default=None)
     ap.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run one arm given as JSON
     args = ap.parse_args(argv)
@@ -181,8 +210,12 @@ def main(argv=None) -> None:
 
     from tqdm import tqdm
 
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds {args.rounds}: run at least one round")
     rows = []
-    todo = arms(args)
+    todo = []
+    for k in range(args.rounds):
+        todo += [{**arm, "round": k} for arm in (arms(args) if k % 2 == 0 else arms(args)[::-1])]
     for arm in tqdm(todo, desc="speed", unit="arm"):
         proc = subprocess.run([sys.executable, __file__, "--arm", json.dumps(arm)], capture_output=True, text=True)
         if proc.returncode != 0:
@@ -192,8 +225,11 @@ def main(argv=None) -> None:
     tag = args.tag or args.model
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"speed-{tag}.json"
-    out.write_text(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "arm"}, "rows": rows}, indent=1))
+    summary = ratios(rows)
+    out.write_text(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "arm"}, "rows": rows,
+                               "ratios": summary}, indent=1))
     print(table(rows))
+    print(ratio_lines(summary))
     print(f"results: {out}")
     png = RESULTS / f"speed-{tag}.png"
     if plot(rows, png):
