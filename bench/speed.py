@@ -101,10 +101,11 @@ def _ban(scores, token):
 
 
 def arms(args) -> list:
+    from pyrestkv.policies import POLICIES
+
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    known = {"full", "shift", "restkv", "streaming", "truncate", "snapkv", "h2o", "tova"}
-    if not policies or set(policies) - known:
-        raise SystemExit(f"--policies {args.policies!r}: choose from {', '.join(sorted(known))}")
+    if not policies or set(policies) - set(POLICIES):
+        raise SystemExit(f"--policies {args.policies!r}: choose from {', '.join(POLICIES)}")
     out = []
     for length in [int(x) for x in args.lengths.split(",")]:
         base = dict(model=args.model, length=length, n_batch=args.n_batch, threads=args.threads, decode=args.decode)
@@ -145,10 +146,11 @@ def ratios(rows: list) -> list:
             groups.setdefault((r["length"], r["budget"]), {}).setdefault(r.get("round", 0), {})[r["policy"]] = r["prefill_tok_s"]
     out = []
     for (length, budget), by_round in sorted(groups.items()):
-        policies = sorted({p for arms in by_round.values() for p in arms})
+        policies = sorted({p for tok_s in by_round.values() for p in tok_s})
         pairs = [(p, "shift") for p in policies if p != "shift"] + [("restkv", "streaming")]
         for policy, against in pairs:
-            per_round = [arms[policy] / arms[against] for _, arms in sorted(by_round.items()) if policy in arms and against in arms]
+            per_round = [tok_s[policy] / tok_s[against] for _, tok_s in sorted(by_round.items())
+                         if policy in tok_s and against in tok_s]
             if per_round:
                 out.append({"length": length, "budget": budget, "policy": policy, "against": against,
                             "per_round": [round(x, 3) for x in per_round], "median": round(statistics.median(per_round), 3)})
@@ -213,9 +215,10 @@ def main(argv=None) -> None:
     if args.rounds < 1:
         raise SystemExit(f"--rounds {args.rounds}: run at least one round")
     rows = []
+    one_round = arms(args)
     todo = []
     for k in range(args.rounds):
-        todo += [{**arm, "round": k} for arm in (arms(args) if k % 2 == 0 else arms(args)[::-1])]
+        todo += [{**arm, "round": k} for arm in (one_round if k % 2 == 0 else one_round[::-1])]
     for arm in tqdm(todo, desc="speed", unit="arm"):
         proc = subprocess.run([sys.executable, __file__, "--arm", json.dumps(arm)], capture_output=True, text=True)
         if proc.returncode != 0:
