@@ -286,7 +286,8 @@ def clearly_above(a: dict, b: dict) -> bool:
 
 def summarize(result: dict, by=("arm", "budget")) -> list:
     """Mean score (percent) per arm and budget (and per `by` fields), with the sample count n and
-    the 95% Wilson interval [lo, hi] in percent."""
+    the 95% Wilson interval [lo, hi] in percent; `mean` is the unrounded fraction, for differences
+    and ratios (the rounded figures would print 66.7 - 33.3 as +33.4)."""
     groups = {}
     for r in result["rows"]:
         key = tuple(r.get(k) for k in by)
@@ -294,7 +295,7 @@ def summarize(result: dict, by=("arm", "budget")) -> list:
     out = []
     for k, v in groups.items():
         lo, hi = wilson(sum(v), len(v))
-        out.append(dict(zip(by, k), accuracy=round(100.0 * sum(v) / len(v), 1), n=len(v),
+        out.append(dict(zip(by, k), accuracy=round(100.0 * sum(v) / len(v), 1), mean=sum(v) / len(v), n=len(v),
                         lo=round(100.0 * lo, 1), hi=round(100.0 * hi, 1)))
     return out
 

@@ -68,7 +68,7 @@ def targets(result: dict, budget="1/8") -> str:
         rest, o, lengths = compared(result, ("restkv", budget), (other, budget))
         if rest is None or o is None:
             return None
-        d = rest["accuracy"] - o["accuracy"]
+        d = 100.0 * (rest["mean"] - o["mean"])
         beyond = ("the intervals separate" if clearly_above(rest, o) else
                   "the intervals overlap: not a win beyond chance")
         verdict = "" if margin is None else ("**met**" if d >= margin else "**not met**") + f" (>= +{margin}); "
@@ -77,7 +77,7 @@ def targets(result: dict, budget="1/8") -> str:
     lines = []
     rest, full, lengths = compared(result, ("restkv", budget), ("full", None))
     if rest is not None and full is not None:
-        ratio = 100.0 * rest["accuracy"] / full["accuracy"] if full["accuracy"] else float("nan")
+        ratio = 100.0 * rest["mean"] / full["mean"] if full["mean"] else float("nan")
         lines.append(f"- restkv keeps {ratio:.0f}% of the full cache's accuracy{at(lengths)} ({show(rest)} against "
                      f"{show(full)}): " + ("**met** (>= 90%)" if ratio >= 90 else "**not met** (>= 90%)"))
     for other, margin in (("shift", 30), ("snapkv", 5), ("restkv:blind", None)):
@@ -156,11 +156,11 @@ def session_targets(result: dict) -> str:
             continue
         parts = []
         if ask:
-            met = "met" if sess["accuracy"] >= ask["accuracy"] else "not met"
+            met = "met" if sess["mean"] >= ask["mean"] else "not met"
             chance = "beyond chance" if clearly_above(ask, sess) or clearly_above(sess, ask) else "within chance"
             parts.append(f"doc.ask {show(sess)} against ask() {show(ask)}: {met} ({chance})")
         if full:
-            ratio = sess["accuracy"] / full["accuracy"] if full["accuracy"] else float("nan")
+            ratio = sess["mean"] / full["mean"] if full["mean"] else float("nan")
             parts.append(f"{100 * ratio:.0f}% of the full cache's {show(full)} ({'met' if ratio >= 0.9 else 'not met'})")
         if speed[n].get("speedup"):
             x = speed[n]["speedup"]

@@ -259,8 +259,9 @@ def test_report_shows_the_heatmap_what_was_not_run_and_compares_each_pair_on_the
     # against the full cache at 4096 only, where it ran: restkv 4/6 against 6/6
     assert "restkv keeps 67% of the full cache's accuracy at 4096 tokens (66.7 [30.0–90.3], n=6 against 100.0" in text
     # against shift also beyond the training context, but on the number needles alone at 16128, the
-    # only ones shift answered there: restkv 4/6 + 2/3, shift 2/6 + 1/3 (66.7 - 33.3, as shown)
-    assert "- restkv - shift = +33.4 points at 4096, 16128 tokens (66.7 [" in text
+    # only ones shift answered there: restkv 4/6 + 2/3, shift 2/6 + 1/3, a difference of 1/3 (not
+    # the +33.4 of the rounded 66.7 - 33.3)
+    assert "- restkv - shift = +33.3 points at 4096, 16128 tokens (66.7 [" in text
     assert "n=9 against 33.3 [" in text and "n=12" not in text
 
 
