@@ -160,9 +160,11 @@ def row_key(row: dict) -> str:
     return json.dumps(labels, sort_keys=True)
 
 
-# what a row records about its answer; every other field labels the sample and the arm
+# what a row records about its answer; every other field labels the sample and the arm. scoring_ms
+# is the arm's running total (kv_stats() of a Llama that answers every sample of the arm and
+# length), scoring_ms_answer this answer's share of it
 ANSWER_FIELDS = ("document", "question", "answers", "cells", "score", "answer", "expected", "seconds", "scoring_ms",
-                 "tok_s")
+                 "scoring_ms_answer", "tok_s")
 
 
 def partial_path(suite: str, args) -> Path:
@@ -246,14 +248,17 @@ def run_grid(samples: list, args, suite: str, score_fn, n_ctx_train: int | None 
                     continue
                 llm = open_arm(path, arm, budget, n_doc, args)
                 for s, labels in todo:
+                    scoring_before = llm.kv_stats().get("scoring_ms")
                     t0 = time.perf_counter()
                     answer = ask(llm, arm, s["document"], s["question"], args)
                     seconds = time.perf_counter() - t0
                     stats = llm.kv_stats()
+                    scoring = stats.get("scoring_ms")
                     row = {
                         **labels, "cells": stats.get("budget") if arm != "full" else None,
                         "score": score_fn(answer, s), "answer": answer[:200], "expected": s["answers"],
-                        "seconds": round(seconds, 2), "scoring_ms": stats.get("scoring_ms"),
+                        "seconds": round(seconds, 2), "scoring_ms": scoring,
+                        "scoring_ms_answer": None if scoring is None else round(scoring - scoring_before, 3),
                         "tok_s": round(s["n_tokens"] / seconds, 1),
                     }
                     log.write(json.dumps(row) + "\n")

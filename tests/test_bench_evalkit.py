@@ -130,3 +130,27 @@ def test_arms_parse_blind_and_session_variants_and_refuse_the_ones_that_cannot_b
     with pytest.raises(SystemExit, match="--layout after"):
         evalkit.parse_arms("full,restkv:session", layout="both")
     assert evalkit.parse_arms("full,restkv", layout="both") == ["full", "restkv"]
+
+
+def test_a_row_records_its_own_answer_s_scoring_time_beside_the_arm_s_running_total(tmp_path, monkeypatch):
+    class ScoringLlama(FakeLlama):
+        scoring_ms = 0.0
+
+        def kv_stats(self):
+            return {"budget": 128, "scoring_ms": self.scoring_ms}
+
+    monkeypatch.setattr(evalkit, "RESULTS", tmp_path)
+    monkeypatch.setattr(evalkit, "model_path", lambda name: name)
+    monkeypatch.setattr(evalkit, "open_arm", lambda *a: ScoringLlama())
+    samples = [{"depth": d, "n_tokens": 1024, "document": "x", "question": "q", "answers": ["a"]} for d in (0, 50, 100)]
+
+    def ask(llm, arm, document, question, args):
+        llm.scoring_ms += 10.0  # one Llama answers all of an arm's samples: its total grows
+        return "a"
+
+    monkeypatch.setattr(evalkit, "ask", ask)
+    result = evalkit.run_grid(samples, args_for("t"), "niah", lambda answer, s: 1.0)
+    for arm in ("restkv", "shift"):
+        rows = [r for r in result["rows"] if r["arm"] == arm]
+        assert [r["scoring_ms"] for r in rows] == [10.0, 20.0, 30.0]
+        assert [r["scoring_ms_answer"] for r in rows] == [10.0, 10.0, 10.0]
