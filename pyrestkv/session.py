@@ -180,7 +180,8 @@ def read(llm, document=None, *, text: Optional[str] = None, path=None, tier=None
         n = llm.n_tokens
         end_cells = np.flatnonzero(llm._token_pos[:n] >= 0).astype(np.int32)
         end_positions = llm._token_pos[end_cells].astype(np.int32)
-        swa_positions = _binding.part_seq_positions(ctx, _binding.PART_SWA)
+        swa_positions = window_positions(_binding.part_seq_positions(ctx, _binding.PART_SWA), llm._pos_next,
+                                         int(llama_cpp.llama_model_n_swa(llm.model)))
         where = np.searchsorted(end_positions, swa_positions)
         if len(swa_positions) and not np.array_equal(end_positions[np.minimum(where, len(end_positions) - 1)],
                                                      swa_positions):
@@ -420,6 +421,21 @@ class Document:
             missing = np.flatnonzero(swa_where != np.arange(len(swa_where)))
             llm._intact_limit = min(llm._intact_limit, int(missing[0]) if len(missing) else len(swa_where))
         return keep
+
+
+def window_positions(positions: np.ndarray, pos_next: int, n_swa: int) -> np.ndarray:
+    """The positions a token decoded at pos_next still sees through a sliding window of n_swa
+    (llama.cpp's standard window: a cell at p is masked from p + n_swa on).
+
+    A full-size sliding-window half (llama.cpp's swa_full) holds every cell the read kept, and its
+    mask hides the older ones from the question only while they sit at their read positions. A
+    recall puts cells at dense positions, where those older cells would come within the window and
+    be the only ones these layers see: the question would be read against whichever cells the
+    question-blind read happened to keep. So the tier keeps this window only."""
+    positions = np.asarray(positions)
+    if n_swa <= 0:
+        return positions
+    return positions[positions > pos_next - n_swa]
 
 
 def _select_cells(kv_bytes: np.ndarray, layout: list, n: int, rows: np.ndarray) -> np.ndarray:

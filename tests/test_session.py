@@ -214,14 +214,22 @@ def test_a_temporary_tier_is_removed_when_its_document_closes(smol):
         doc.ask("What was the rescue ship called?")
 
 
-def test_doc_ask_on_gemma_recalls_through_its_full_attention_layers():
+@pytest.fixture(scope="module")
+def gemma_doc():
     from pyrestkv.models import gemma3_model_path
 
     llm = open_llama(gemma3_model_path(), kv_policy="restkv", kv_budget=512, n_batch=512)
     text = make_document(llm, 4000, [(c.depth, c.fact) for c in NEEDLE_CASES[:4]], seed=3)
     doc = llm.read(text=text)
+    yield llm, text, doc
+    doc.close()
+    llm.close()
+
+
+def test_doc_ask_on_gemma_recalls_through_its_full_attention_layers(gemma_doc):
     from pyrestkv.llama import llama_cpp
 
+    llm, text, doc = gemma_doc
     assert len(doc.tier.layout) < llama_cpp.llama_model_n_layer(llm.model)  # the full-attention layers only
     assert len(doc.tier.header["swa_layout"]) > 0 and len(doc.tier.array("swa_cells")) > 0
     for case in NEEDLE_CASES[:4]:
@@ -230,8 +238,30 @@ def test_doc_ask_on_gemma_recalls_through_its_full_attention_layers():
         assert result.kv_stats["cells_recalled"] <= 512
     # after a recall, ask() reads the document again as usual (the sliding-window half stays consistent)
     assert hit(NEEDLE_CASES[0], llm.ask(text=text, question=NEEDLE_CASES[0].question, max_tokens=24).answer)
-    doc.close()
-    llm.close()
+
+
+def test_the_tier_keeps_only_the_last_window_of_the_sliding_window_layers(gemma_doc):
+    from pyrestkv.llama import llama_cpp
+
+    llm, _, doc = gemma_doc
+    n_swa = llama_cpp.llama_model_n_swa(llm.model)
+    pos_next = doc.tier.header["pos_next"]
+    kept = doc.tier.array("swa_positions")
+    end = doc.tier.array("end_positions")
+    assert (end <= pos_next - n_swa).any()  # the read ended with cells older than the window
+    assert 0 < len(kept) <= n_swa
+    assert kept.min() > pos_next - n_swa and kept.max() == pos_next - 1
+    # and the cells it keeps are the ones the read ended with inside that window
+    assert np.array_equal(kept, end[end > pos_next - n_swa])
+
+
+def test_the_window_a_question_sees_is_the_positions_less_than_n_swa_back():
+    from pyrestkv.session import window_positions
+
+    positions = np.array([0, 3, 5, 6, 9], dtype=np.int32)
+    assert window_positions(positions, 10, 4).tolist() == [9]  # 6 is masked from 10 = 6 + 4 on
+    assert window_positions(positions, 10, 5).tolist() == [6, 9]
+    assert window_positions(positions, 10, 0).tolist() == positions.tolist()  # no sliding window
 
 
 # ---------------------------------------------------------------- bad input and faults
