@@ -401,7 +401,10 @@ class Document:
         where = np.arange(k, dtype=np.int32)
         _binding.seq_put_kv(ctx, _binding.PART_SCORED, where, tier.positions[keep],
                             tier.tokens[keep], tier.cells_kv(keep))
-        rows = np.flatnonzero(np.isin(swa_cells, keep))
+        # the window only, here too: tiers written before read() kept the window alone hold every
+        # cell of a full-size sliding-window half, which would come within it at dense positions
+        n_swa = int(llama_cpp.llama_model_n_swa(llm.model))
+        rows = np.flatnonzero(np.isin(swa_cells, keep) & in_window(swa_positions, pos_next, n_swa))
         swa_where = np.searchsorted(keep, swa_cells[rows]).astype(np.int32)
         if len(rows):
             _binding.seq_put_kv(ctx, _binding.PART_SWA, swa_where, swa_positions[rows], tier.tokens[swa_cells[rows]],
@@ -433,9 +436,15 @@ def window_positions(positions: np.ndarray, pos_next: int, n_swa: int) -> np.nda
     be the only ones these layers see: the question would be read against whichever cells the
     question-blind read happened to keep. So the tier keeps this window only."""
     positions = np.asarray(positions)
+    return positions[in_window(positions, pos_next, n_swa)]
+
+
+def in_window(positions: np.ndarray, pos_next: int, n_swa: int) -> np.ndarray:
+    """window_positions as a mask: True where a cell at that position is inside the window."""
+    positions = np.asarray(positions)
     if n_swa <= 0:
-        return positions
-    return positions[positions > pos_next - n_swa]
+        return np.ones(positions.shape, dtype=bool)
+    return positions > pos_next - n_swa
 
 
 def _select_cells(kv_bytes: np.ndarray, layout: list, n: int, rows: np.ndarray) -> np.ndarray:

@@ -255,6 +255,25 @@ def test_the_tier_keeps_only_the_last_window_of_the_sliding_window_layers(gemma_
     assert np.array_equal(kept, end[end > pos_next - n_swa])
 
 
+def test_a_tier_holding_the_whole_sliding_window_half_recalls_its_last_window_only(gemma_doc, monkeypatch):
+    from pyrestkv import _binding, session
+
+    llm, text, doc = gemma_doc
+    with monkeypatch.context() as m:  # a tier as read() wrote it before it kept the window only
+        m.setattr(session, "window_positions", lambda positions, pos_next, n_swa: np.asarray(positions))
+        whole = llm.read(text=text)
+    try:
+        assert len(whole.tier.array("swa_cells")) > len(doc.tier.array("swa_cells"))
+        question = NEEDLE_CASES[1].question
+        recalled = []
+        for d in (doc, whole):
+            answer = d.ask(question, max_tokens=24).answer
+            recalled.append((answer, _binding.part_seq_positions(llm._ctx_ptr, _binding.PART_SWA).tolist()))
+        assert recalled[1] == recalled[0]  # the same cells in that half, and the same answer
+    finally:
+        whole.close()
+
+
 def test_the_window_a_question_sees_is_the_positions_less_than_n_swa_back():
     from pyrestkv.session import window_positions
 
