@@ -4,7 +4,8 @@
 
 Writes bench/results/<NAME>.json, .md and .png as the suites do. Rows are joined by what labels them
 (arm, budget, sample labels and settings); an answer present in two inputs must have the same score
-there, or the merge stops. The output records this command and the commands of its inputs, so that
+there, or the merge stops, unless `--replace ARM` names its arm: then that arm's answers come from the last
+input holding it alone (a rerun after a fix replaces the earlier run's answers). The output records this command and the commands of its inputs, so that
 every table can be traced back to the runs that made it, and no result file is ever edited by hand.
 """
 
@@ -32,15 +33,23 @@ def runs_behind(results: list) -> list:
     return out
 
 
-def merge(results: list) -> dict:
+def merge(results: list, replace: tuple = ()) -> dict:
     suites = {(r["suite"], r["model"]) for r in results}
     if len(suites) != 1:
         raise SystemExit(f"cannot merge results of different suites or models: {sorted(suites)}")
     if any("score" not in row for r in results for row in r["rows"]):
         raise SystemExit("only suites scored per answer (niah, ruler) can be merged")
+    # each replaced arm is taken from the last input that holds it
+    source = {arm: max(i for i, r in enumerate(results) if any(row["arm"] == arm for row in r["rows"]))
+              for arm in replace if any(row["arm"] == arm for r in results for row in r["rows"])}
+    missing = sorted(set(replace) - set(source))
+    if missing:
+        raise SystemExit(f"--replace {', '.join(missing)}: no input holds that arm")
     rows, origin = {}, {}
     for i, result in enumerate(results):
         for row in result["rows"]:
+            if source.get(row["arm"], i) != i:
+                continue
             key = row_key(row)
             if key in rows and rows[key]["score"] != row["score"]:
                 raise SystemExit(f"input {origin[key]} and input {i} disagree on the answer {key}")
@@ -62,9 +71,12 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("name", help="the output's name under bench/results/, e.g. niah-gemma3")
     ap.add_argument("inputs", nargs="+", help="result JSON files of the same suite and model")
+    ap.add_argument("--replace", action="append", default=[], metavar="ARM",
+                    help="take this arm's answers from the last input holding it only (a rerun); repeatable")
     args = ap.parse_args(argv)
-    result = merge([json.loads(Path(p).read_text()) for p in args.inputs])
-    result["command"] = "python " + " ".join(sys.argv)
+    result = merge([json.loads(Path(p).read_text()) for p in args.inputs], tuple(args.replace))
+    words = sys.argv if argv is None else ["bench/merge.py", *argv]
+    result["command"] = "python " + " ".join(words)
     write(result, args.name)
 
 

@@ -118,6 +118,27 @@ def test_merge_joins_runs_and_refuses_disagreeing_answers(tmp_path, monkeypatch)
         merge.main(["x", str(tmp_path / "a.json"), str(tmp_path / "other.json")])
 
 
+def test_merge_replace_takes_a_rerun_arm_from_the_last_input_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(evalkit, "RESULTS", tmp_path)
+    row = {"depth": 0, "n_tokens": 1024, "arm": "restkv:session", "budget": "1/8", "setup": "s", "score": 0.0}
+    first = {"suite": "ruler", "model": "m", "command": "python a",
+             "rows": [row, dict(row, depth=50), dict(row, arm="shift", score=1.0)]}
+    rerun = {"suite": "ruler", "model": "m", "command": "python b", "rows": [dict(row, score=1.0)]}
+    for name, r in (("first", first), ("rerun", rerun)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    inputs = [str(tmp_path / "first.json"), str(tmp_path / "rerun.json")]
+    with pytest.raises(SystemExit, match="disagree"):
+        merge.main(["ruler-m", *inputs])
+    merge.main(["ruler-m", *inputs, "--replace", "restkv:session"])
+    out = json.loads((tmp_path / "ruler-m.json").read_text())
+    # the rerun's answer alone: the first run's answer at depth 50 is not kept beside it
+    assert sorted((r["arm"], r["depth"], r["score"]) for r in out["rows"]) == [
+        ("restkv:session", 0, 1.0), ("shift", 0, 1.0)]
+    assert "--replace restkv:session" in out["command"]
+    with pytest.raises(SystemExit, match="no input holds"):
+        merge.main(["ruler-m", *inputs, "--replace", "snapkv"])
+
+
 def test_arms_parse_blind_and_session_variants_and_refuse_the_ones_that_cannot_be():
     assert evalkit.parse_arms("full,restkv:blind,restkv:session,streaming:session") == [
         "full", "restkv:blind", "restkv:session", "streaming:session"]
