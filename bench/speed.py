@@ -13,7 +13,8 @@ the differences measured, and arms minutes apart drift least.
 Every arm runs in a fresh subprocess (so peak RSS is its own), with the same threads, one after the
 other; compare arms as ratios within one run, since the machine is shared and noisy. Measured per arm:
 time to first token, prefill tok/s, decode tok/s after the document (EOS banned), peak RSS, KV bytes,
-scoring passes and their share of the prefill time. Writes bench/results/speed-<tag>.json, a Markdown
+scoring passes and their share of the prefill time, and the read split into its forward passes
+(`kv_stats()["decode_ms"]`), scoring, eviction and the rest. Writes bench/results/speed-<tag>.json, a Markdown
 table on stdout, and bench/results/speed-<tag>.png when matplotlib is installed.
 """
 
@@ -89,6 +90,10 @@ def run_arm(arm: dict) -> dict:
         "cells_peak": stats["cells_peak"],
         "cells_per_token": round(read["cells_attended"] / len(tokens), 1),
         "evict_ms": read["evict_ms"],
+        # the read split: forward passes (llama_decode), scoring passes, eviction, and the rest (Python)
+        "read_decode_s": round(read["decode_ms"] / 1e3, 3),
+        "read_scoring_s": round(read.get("scoring_ms", 0.0) / 1e3, 3),
+        "read_other_s": round(prefill - (read["decode_ms"] + read.get("scoring_ms", 0.0) + read["evict_ms"]) / 1e3, 3),
         "scoring_passes": stats.get("scoring_passes", 0),
         "scoring_ms_per_pass": round(stats.get("scoring_ms", 0.0) / max(1, stats.get("scoring_passes", 0)), 1),
         "scoring_share_of_prefill": round(scoring_s / prefill, 3),
@@ -124,42 +129,50 @@ def arms(args) -> list:
 
 def table(rows: list) -> str:
     lines = [
-        "| round | model | doc tokens | policy | budget | n_ctx | TTFT s | prefill tok/s | decode tok/s | peak RSS MiB | KV MiB | cells/token | scoring passes | ms/pass | scoring / prefill | evict ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| round | model | doc tokens | policy | budget | n_ctx | TTFT s | prefill tok/s | decode tok/s | peak RSS MiB | KV MiB | cells/token | scoring passes | ms/pass | scoring / prefill | evict ms | read: forward s | read: other s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.get('round', 0)} | {r['model']} | {r['length']} | {r['policy']} | {r['budget'] or '-'} | {r['n_ctx']} | {r['ttft_s']} | "
             f"{r['prefill_tok_s']} | {r['decode_tok_s']} | {r['peak_rss_mib']} | {r['kv_bytes'] / 2**20:.1f} | "
             f"{r.get('cells_per_token', '-')} | {r['scoring_passes']} | {r['scoring_ms_per_pass']} | "
-            f"{r['scoring_share_of_prefill']:.1%} | {r.get('evict_ms', '-')} |"
+            f"{r['scoring_share_of_prefill']:.1%} | {r.get('evict_ms', '-')} | {r.get('read_decode_s', '-')} | "
+            f"{r.get('read_other_s', '-')} |"
         )
     return "\n".join(lines)
 
 
 def ratios(rows: list) -> list:
     """Each bounded policy's prefill tok/s over shift's, and restkv's over streaming's, per round
-    (the same length and budget), with the median over rounds."""
+    (the same length and budget), with the median over rounds; and restkv's forward passes alone
+    against streaming's (the same cells attended), as a speed ratio: streaming's seconds over restkv's."""
     groups = {}
     for r in rows:
         if r["policy"] != "full":
-            groups.setdefault((r["length"], r["budget"]), {}).setdefault(r.get("round", 0), {})[r["policy"]] = r["prefill_tok_s"]
+            groups.setdefault((r["length"], r["budget"]), {}).setdefault(r.get("round", 0), {})[r["policy"]] = r
+    speed = {"prefill tok/s": lambda a, b: a["prefill_tok_s"] / b["prefill_tok_s"],
+             # rows from before the read was split have no read_decode_s
+             "read forward passes": lambda a, b: b["read_decode_s"] / a["read_decode_s"]
+             if a.get("read_decode_s") and b.get("read_decode_s") else None}
     out = []
     for (length, budget), by_round in sorted(groups.items()):
-        policies = sorted({p for tok_s in by_round.values() for p in tok_s})
-        pairs = [(p, "shift") for p in policies if p != "shift"] + [("restkv", "streaming")]
-        for policy, against in pairs:
-            per_round = [tok_s[policy] / tok_s[against] for _, tok_s in sorted(by_round.items())
-                         if policy in tok_s and against in tok_s]
+        policies = sorted({p for arms in by_round.values() for p in arms})
+        pairs = [(p, "shift", "prefill tok/s") for p in policies if p != "shift"] + [
+            ("restkv", "streaming", "prefill tok/s"), ("restkv", "streaming", "read forward passes")]
+        for policy, against, measure in pairs:
+            per_round = [speed[measure](arms[policy], arms[against]) for _, arms in sorted(by_round.items())
+                         if policy in arms and against in arms]
+            per_round = [x for x in per_round if x is not None]
             if per_round:
-                out.append({"length": length, "budget": budget, "policy": policy, "against": against,
+                out.append({"length": length, "budget": budget, "policy": policy, "against": against, "measure": measure,
                             "per_round": [round(x, 3) for x in per_round], "median": round(statistics.median(per_round), 3)})
     return out
 
 
 def ratio_lines(items: list) -> str:
     return "\n".join(
-        f"{x['length']} tokens, kv_budget {x['budget']}: {x['policy']} / {x['against']} prefill tok/s "
+        f"{x['length']} tokens, kv_budget {x['budget']}: {x['policy']} / {x['against']} {x['measure']} "
         f"{', '.join(f'{v:.3f}' for v in x['per_round'])} (median {x['median']:.3f})" for x in items)
 
 

@@ -250,6 +250,7 @@ class Llama(llama_cpp.Llama):
             "evictions": 0,
             "compactions": 0,
             "evict_ms": 0.0,
+            "decode_ms": 0.0,
         }
         if self._scoring is not None:
             self._stats.update({"scoring_passes": 0, "scoring_ms": 0.0, "probe_tokens": 0})
@@ -410,7 +411,7 @@ class Llama(llama_cpp.Llama):
             return False
         _binding.reset_query_window(self._ctx_ptr)
         self._batch.set_batch(batch=probe, n_past=self._pos_next, logits_all=False)
-        self._ctx.decode(self._batch)
+        self._timed_decode()
         _binding.pin_query_window(self._ctx_ptr, True)
         self._ctx.kv_cache_seq_rm(0, self._pos_next, -1)
         _binding.reset_query_window(self._ctx_ptr)
@@ -467,7 +468,7 @@ class Llama(llama_cpp.Llama):
         n_past = self.n_tokens
         n = len(chunk)
         self._batch.set_batch(batch=chunk, n_past=self._pos_next, logits_all=self._logits_all)
-        self._ctx.decode(self._batch)
+        self._timed_decode()
         self.input_ids[n_past : n_past + n] = chunk
         self._token_pos[n_past : n_past + n] = np.arange(self._pos_next, self._pos_next + n, dtype=np.int32)
         if self._logits_ring:
@@ -485,6 +486,12 @@ class Llama(llama_cpp.Llama):
         # the chunk's j-th token attended the cells before the chunk and j + 1 of its own: what a read
         # costs in attention, which a policy's schedule sets as much as its budget does
         self._stats["cells_attended"] += n * (used - n) + n * (n + 1) // 2
+
+    def _timed_decode(self) -> None:
+        # the model's forward passes, apart from scoring and eviction: where a read's time goes
+        t0 = time.perf_counter()
+        self._ctx.decode(self._batch)
+        self._stats["decode_ms"] += (time.perf_counter() - t0) * 1e3
 
     def _store_ring_rows(self, n_past: int, logits: np.ndarray) -> None:
         """The logits of tokens n_past.., into the ring (rows t % n_ctx)."""
@@ -681,6 +688,7 @@ class Llama(llama_cpp.Llama):
             "kv_bytes": _binding.kv_size_bytes(self._mem),
         }
         stats["evict_ms"] = round(stats["evict_ms"], 3)
+        stats["decode_ms"] = round(stats["decode_ms"], 3)
         if "scoring_ms" in stats:
             stats["scoring_ms"] = round(stats["scoring_ms"], 3)
             stats["score_kernel"] = self._scoring.op

@@ -38,9 +38,23 @@ def test_ratios_pair_arms_of_the_same_round_and_take_the_median():
             rows.append({"round": rnd, "length": 8000, "budget": None if policy == "full" else 1024,
                          "policy": policy, "prefill_tok_s": tok_s * pace})
     got = {(x["policy"], x["against"]): x for x in speed.ratios(rows)}
+    # rows without the read's split (older results) give no forward-pass ratio
     assert set(got) == {("streaming", "shift"), ("restkv", "shift"), ("restkv", "streaming")}
+    assert all(x["measure"] == "prefill tok/s" for x in speed.ratios(rows))
     assert got[("streaming", "shift")]["per_round"] == [0.98, 0.98, 0.98]
     assert got[("restkv", "shift")]["per_round"] == [0.9, 0.91, 0.92]
     assert got[("restkv", "shift")]["median"] == 0.91
     assert got[("restkv", "streaming")]["median"] == round(91 / 98, 3)
     assert "restkv / shift prefill tok/s 0.900, 0.910, 0.920 (median 0.910)" in speed.ratio_lines(speed.ratios(rows))
+
+
+def test_the_forward_pass_ratio_compares_restkv_and_streaming_without_scoring():
+    rows = []
+    for rnd in (0, 1):
+        for policy, read_s, forward_s in (("shift", 20.0, 19.0), ("streaming", 22.0, 21.0), ("restkv", 24.0, 21.0 + rnd)):
+            rows.append({"round": rnd, "length": 8000, "budget": 1024, "policy": policy,
+                         "prefill_tok_s": 8000 / read_s, "read_decode_s": forward_s})
+    forward = [x for x in speed.ratios(rows) if x["measure"] == "read forward passes"]
+    # streaming's forward seconds over restkv's: 1.0 when restkv's passes are as fast, below when slower
+    assert [(x["policy"], x["against"], x["per_round"]) for x in forward] == [("restkv", "streaming", [1.0, round(21 / 22, 3)])]
+    assert "restkv / streaming read forward passes 1.000, 0.955" in speed.ratio_lines(forward)

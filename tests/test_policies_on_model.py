@@ -2,6 +2,8 @@
 fidelity, the question probe, positions, the scoring options, a sliding-window model) and the
 baselines (snapkv, h2o, tova, streaming, truncate)."""
 
+import time
+
 import llama_cpp
 import numpy as np
 import pytest
@@ -19,7 +21,9 @@ def test_bounded_memory_on_a_long_document(model_path):
     llm = open_llama(model_path, kv_policy="restkv", kv_budget=512, n_batch=512)
     tokens = llm.tokenize(make_document(llm, 9800, [], seed=21).encode())
     assert len(tokens) >= 9000
+    t0 = time.perf_counter()
     llm.eval(tokens)
+    wall_ms = (time.perf_counter() - t0) * 1e3
     stats = llm.kv_stats()
     print(f"\n{ {k: v for k, v in stats.items() if k != 'layer_scores'} }")
     assert stats["n_ctx"] == llm.n_ctx() == 1024 and stats["budget"] == 512
@@ -33,6 +37,9 @@ def test_bounded_memory_on_a_long_document(model_path):
     assert stats["scoring_passes"] >= (len(tokens) - 1024) // 512
     assert stats["compactions"] >= 1 and stats["pos_next"] <= llm._model.n_ctx_train()
     assert len(stats["layer_scores"]) == 30
+    # where the read's time went: forward passes, scoring and eviction, apart and within the read
+    assert stats["decode_ms"] > 0 and stats["scoring_ms"] > 0 and stats["evict_ms"] > 0
+    assert stats["decode_ms"] + stats["scoring_ms"] + stats["evict_ms"] <= wall_ms
     # the CPU's f16 cache is scored by the fused op, every layer
     assert stats["score_kernel"] == "auto" and stats["scoring_fused_layers"] == 30
     # the recent window is always kept
