@@ -40,11 +40,11 @@ def merge(results: list, replace: tuple = ()) -> dict:
     if any("score" not in row for r in results for row in r["rows"]):
         raise SystemExit("only suites scored per answer (niah, ruler) can be merged")
     # each replaced arm is taken from the last input that holds it
-    source = {arm: max(i for i, r in enumerate(results) if any(row["arm"] == arm for row in r["rows"]))
-              for arm in replace if any(row["arm"] == arm for r in results for row in r["rows"])}
-    missing = sorted(set(replace) - set(source))
+    holders = {arm: [i for i, r in enumerate(results) if any(row["arm"] == arm for row in r["rows"])] for arm in replace}
+    missing = sorted(arm for arm, inputs in holders.items() if not inputs)
     if missing:
         raise SystemExit(f"--replace {', '.join(missing)}: no input holds that arm")
+    source = {arm: inputs[-1] for arm, inputs in holders.items()}
     rows, origin = {}, {}
     for i, result in enumerate(results):
         for row in result["rows"]:

@@ -79,6 +79,7 @@ def run_arm(arm: dict) -> dict:
     stats = llm.kv_stats()
     llm.close()
     scoring_s = stats.get("scoring_ms", 0.0) / 1e3
+    read_scoring_ms = read.get("scoring_ms", 0.0)
     return {
         **arm,
         "n_ctx": stats["n_ctx"],
@@ -92,8 +93,8 @@ def run_arm(arm: dict) -> dict:
         "evict_ms": read["evict_ms"],
         # the read split: forward passes (llama_decode), scoring passes, eviction, and the rest (Python)
         "read_decode_s": round(read["decode_ms"] / 1e3, 3),
-        "read_scoring_s": round(read.get("scoring_ms", 0.0) / 1e3, 3),
-        "read_other_s": round(prefill - (read["decode_ms"] + read.get("scoring_ms", 0.0) + read["evict_ms"]) / 1e3, 3),
+        "read_scoring_s": round(read_scoring_ms / 1e3, 3),
+        "read_other_s": round(prefill - (read["decode_ms"] + read_scoring_ms + read["evict_ms"]) / 1e3, 3),
         "scoring_passes": stats.get("scoring_passes", 0),
         "scoring_ms_per_pass": round(stats.get("scoring_ms", 0.0) / max(1, stats.get("scoring_passes", 0)), 1),
         "scoring_share_of_prefill": round(scoring_s / prefill, 3),
